@@ -1,0 +1,220 @@
+//! Command line: `roony sidecar`, `roony stripe-emulator`, `roony dev`, `roony agent create`,
+//! `roony openapi`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::emulator::{Emulator, EmulatorConfig, FaultConfig};
+use crate::issuer::{BillingAddress, StripeConfig};
+use crate::sidecar::{self, SidecarConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "roony", version, about = "A financial firewall for AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the sidecar next to an agent: the agent API, policy decisions and card issuing.
+    Sidecar(SidecarArgs),
+    /// Run the local Stripe Issuing emulator.
+    StripeEmulator(EmulatorArgs),
+    /// Run everything locally: emulator + sidecar with a demo agent.
+    Dev(crate::dev::DevArgs),
+    /// Manage agents in a sidecar's data directory (while the sidecar is stopped).
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Print the agent API's OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StripeArgs {
+    /// Stripe secret or restricted key.
+    #[arg(long, env = "ROONY_STRIPE_API_KEY", hide_env_values = true)]
+    pub stripe_api_key: String,
+    /// Stripe API base URL (default api.stripe.com); point it at the emulator for local runs.
+    #[arg(long, env = "ROONY_STRIPE_BASE_URL")]
+    pub stripe_base_url: Option<String>,
+    /// Connected account to issue on (Stripe-Account header).
+    #[arg(long, env = "ROONY_STRIPE_ACCOUNT")]
+    pub stripe_account: Option<String>,
+}
+
+impl StripeArgs {
+    pub fn config(&self) -> StripeConfig {
+        let mut c = StripeConfig::new(self.stripe_api_key.clone(), self.stripe_base_url.clone());
+        c.account = self.stripe_account.clone();
+        c
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SidecarArgs {
+    #[arg(long, env = "ROONY_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "ROONY_DATA_DIR", default_value = ".roony/sidecar")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub stripe: StripeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EmulatorArgs {
+    #[arg(long, env = "ROONY_EMULATOR_LISTEN", default_value = "127.0.0.1:12111")]
+    pub listen: SocketAddr,
+    /// Probability (0 to 1) of answering a request 429.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate_429: f64,
+    /// Probability (0 to 1) of answering a request 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate_500: f64,
+    /// Latency added to every request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+impl EmulatorArgs {
+    pub fn config(&self) -> EmulatorConfig {
+        EmulatorConfig {
+            faults: FaultConfig {
+                rate_429: self.fault_rate_429.clamp(0.0, 1.0),
+                rate_500: self.fault_rate_500.clamp(0.0, 1.0),
+                latency: std::time::Duration::from_millis(self.latency_ms),
+            },
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Create (or replace) an agent with a policy; prints its key once.
+    Create {
+        #[arg(long, env = "ROONY_DATA_DIR", default_value = ".roony/sidecar")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// Policy JSON file (see docs/policy.md).
+        #[arg(long)]
+        policy: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("roony: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("roony: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Sidecar(args) => {
+            let config = SidecarConfig {
+                listen: args.listen,
+                data_dir: args.data_dir.clone(),
+                stripe: args.stripe.config(),
+                billing: BillingAddress::default(),
+            };
+            let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
+            let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
+            let running = sidecar::start(service, config.listen, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
+            eprintln!("roony: sidecar listening on http://{}", running.addr);
+            wait_server(running.server).await
+        }
+        Command::StripeEmulator(args) => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            eprintln!("roony: stripe emulator listening on http://{addr}");
+            Emulator::new(args.config())
+                .serve(listener, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Dev(args) => crate::dev::run(args).await,
+        Command::Agent(AgentCommand::Create {
+            data_dir,
+            id,
+            name,
+            policy,
+        }) => {
+            let text = std::fs::read_to_string(&policy)
+                .map_err(|e| format!("cannot read {}: {e}", policy.display()))?;
+            let policy: crate::policy::Policy = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: {e}", policy.display()))?;
+            let store = sidecar::open_store(&data_dir).map_err(|e| e.to_string())?;
+            let key = crate::dev::admin_service(store)?
+                .create_agent(&id, &name, policy, None)
+                .map_err(|e| match e {
+                    crate::service::AgentAdminError::Policy(errors) => errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => other.to_string(),
+                })?;
+            println!("{key}");
+            eprintln!("roony: agent {id} created; the key above is shown once");
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", crate::api::openapi_json());
+            Ok(())
+        }
+    }
+}
+
+pub async fn wait_server(server: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<(), String> {
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("server failed: {e}")),
+        Err(e) => Err(format!("server task failed: {e}")),
+    }
+}

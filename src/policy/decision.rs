@@ -1,0 +1,119 @@
+//! Decisions: an outcome, its reasons (stable snake_case codes plus messages an LLM can act
+//! on), the amount to reserve, and the budget picture after the decision.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::time::{Period, UnixSeconds};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Approved,
+    Declined,
+    PendingApproval,
+}
+
+/// Stable reason codes. Never rename one: agents and dashboards match on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    /// Approved: every rule passed.
+    WithinPolicy,
+    /// Above the policy's approval threshold: waits for an administrator.
+    ApprovalRequired,
+    ExceedsTransactionLimit,
+    ExceedsBudget,
+    MerchantNotAllowed,
+    CategoryNotAllowed,
+    CountryNotAllowed,
+    VelocityExceeded,
+    CurrencyNotAllowed,
+    AgentFrozen,
+    /// The agent has no policy: deny by default.
+    NoPolicy,
+    /// Something failed while deciding; failures decline.
+    InternalError,
+    /// Approved, but the card could not be created; the reservation was released.
+    CardIssuanceFailed,
+    /// The card or approval window expired unused; the reservation was released.
+    IntentExpired,
+    /// Canceled by the agent; the reservation was released.
+    IntentCanceled,
+}
+
+impl ReasonCode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReasonCode::WithinPolicy => "within_policy",
+            ReasonCode::ApprovalRequired => "approval_required",
+            ReasonCode::ExceedsTransactionLimit => "exceeds_transaction_limit",
+            ReasonCode::ExceedsBudget => "exceeds_budget",
+            ReasonCode::MerchantNotAllowed => "merchant_not_allowed",
+            ReasonCode::CategoryNotAllowed => "category_not_allowed",
+            ReasonCode::CountryNotAllowed => "country_not_allowed",
+            ReasonCode::VelocityExceeded => "velocity_exceeded",
+            ReasonCode::CurrencyNotAllowed => "currency_not_allowed",
+            ReasonCode::AgentFrozen => "agent_frozen",
+            ReasonCode::NoPolicy => "no_policy",
+            ReasonCode::InternalError => "internal_error",
+            ReasonCode::CardIssuanceFailed => "card_issuance_failed",
+            ReasonCode::IntentExpired => "intent_expired",
+            ReasonCode::IntentCanceled => "intent_canceled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Reason {
+    pub code: ReasonCode,
+    /// A sentence an LLM can act on, e.g. "daily budget has USD 12.40 left".
+    pub message: String,
+}
+
+impl Reason {
+    pub fn new(code: ReasonCode, message: impl Into<String>) -> Reason {
+        Reason {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// One budget of the agent, as of a decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BudgetStatus {
+    #[schema(value_type = String, example = "daily")]
+    pub period: Period,
+    /// The limit, in minor units.
+    pub limit: i64,
+    /// Reserved plus spent in the current period, in minor units.
+    pub committed: i64,
+    /// What is left, in minor units (negative only if the limit was lowered below use).
+    pub remaining: i64,
+    /// Unix seconds when the period resets (absent for all-time budgets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<UnixSeconds>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub reasons: Vec<Reason>,
+    /// Minor units to reserve (the card's spending limit): 0 when declined.
+    pub reserve: i64,
+    /// Budgets after the decision (including the reservation when approved).
+    pub budgets: Vec<BudgetStatus>,
+}
+
+impl Decision {
+    /// A decline for a failure on the decision path: errors never approve.
+    pub fn error(code: ReasonCode, message: impl Into<String>) -> Decision {
+        Decision {
+            outcome: Outcome::Declined,
+            reasons: vec![Reason::new(code, message)],
+            reserve: 0,
+            budgets: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The policy engine: a pure function from (policy, intent, usage, time) to a decision.
+//!
+//! Invariants: no I/O, no clock reads (time is passed in), no allocation beyond the decision
+//! it returns, deny by default. Every decision carries at least one stable reason code.
+
+mod decision;
+mod rules;
+
+pub use decision::{BudgetStatus, Decision, Outcome, Reason, ReasonCode};
+pub use rules::{
+    BudgetRule, CompiledPolicy, ListRule, MerchantRules, Policy, PolicyError, VelocityRule,
+};
+
+use crate::domain::intent::PurchaseIntent;
+use crate::domain::merchant::domain_matches;
+use crate::domain::money::Money;
+use crate::domain::time::{Period, UnixSeconds};
+
+/// What the engine needs to know about the agent's history, read by the caller inside the
+/// same transaction that will record the decision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Amount committed (reserved or spent) in the current bucket of each period, indexed by
+    /// `Period::ALL` order: daily, weekly, monthly, all-time.
+    pub committed: [i64; 4],
+    /// For each velocity rule of the policy, in order, how many intents the agent made in
+    /// that rule's window before this one.
+    pub velocity_counts: Vec<u32>,
+}
+
+impl Usage {
+    pub fn committed_in(&self, period: Period) -> i64 {
+        self.committed[period_index(period)]
+    }
+}
+
+pub fn period_index(period: Period) -> usize {
+    match period {
+        Period::Daily => 0,
+        Period::Weekly => 1,
+        Period::Monthly => 2,
+        Period::AllTime => 3,
+    }
+}
+
+/// Facts about the agent that are not part of its policy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentState {
+    pub frozen: bool,
+}
+
+/// Evaluates `intent` against `policy`. Collects every matching reason; the outcome is a
+/// decline if any rule declines, `pending_approval` if only the approval threshold matched,
+/// and an approval otherwise.
+pub fn evaluate(
+    policy: &CompiledPolicy,
+    intent: &PurchaseIntent,
+    usage: &Usage,
+    agent: AgentState,
+    now: UnixSeconds,
+) -> Decision {
+    let mut reasons: Vec<Reason> = Vec::new();
+    let amount = intent.amount;
+    let currency = policy.currency;
+
+    if agent.frozen {
+        reasons.push(Reason::new(
+            ReasonCode::AgentFrozen,
+            "this agent is frozen by an administrator; no purchases are possible until it is unfrozen",
+        ));
+    }
+
+    if amount.currency != currency {
+        reasons.push(Reason::new(
+            ReasonCode::CurrencyNotAllowed,
+            format!(
+                "this agent's policy spends {currency} only; the purchase is in {}",
+                amount.currency
+            ),
+        ));
+    }
+
+    if let Some(max) = policy.max_per_transaction
+        && amount.amount > max
+    {
+        reasons.push(Reason::new(
+            ReasonCode::ExceedsTransactionLimit,
+            format!(
+                "{} is above the per-purchase limit of {}; ask for at most {}",
+                amount,
+                Money::new(max, currency),
+                Money::new(max, currency)
+            ),
+        ));
+    }
+
+    let budgets = budget_statuses(policy, usage, now);
+    for b in &budgets {
+        if amount.amount > b.remaining {
+            reasons.push(Reason::new(
+                ReasonCode::ExceedsBudget,
+                format!(
+                    "{} budget has {} left of {}; this purchase needs {}{}",
+                    b.period.as_str().replace('_', "-"),
+                    Money::new(b.remaining.max(0), currency),
+                    Money::new(b.limit, currency),
+                    amount,
+                    match b.resets_at {
+                        Some(t) => format!("; it resets at {}", crate::domain::time::rfc3339(t)),
+                        None => String::new(),
+                    }
+                ),
+            ));
+        }
+    }
+
+    merchant_reasons(policy, intent, &mut reasons);
+    category_reasons(policy, intent, &mut reasons);
+    country_reasons(policy, intent, &mut reasons);
+
+    for (rule, count) in policy.velocity.iter().zip(usage.velocity_counts.iter()) {
+        if *count >= rule.max_intents {
+            reasons.push(Reason::new(
+                ReasonCode::VelocityExceeded,
+                format!(
+                    "at most {} purchase requests per {} seconds; {} were made in the current window — wait before retrying",
+                    rule.max_intents, rule.window_seconds, count
+                ),
+            ));
+        }
+    }
+    if usage.velocity_counts.len() < policy.velocity.len() {
+        // The caller did not supply every count: deny by default.
+        reasons.push(Reason::new(
+            ReasonCode::InternalError,
+            "velocity history unavailable; declined to be safe",
+        ));
+    }
+
+    if !reasons.is_empty() {
+        return Decision {
+            outcome: Outcome::Declined,
+            reasons,
+            reserve: 0,
+            budgets,
+        };
+    }
+
+    let reserve = amount.amount + buffer(policy, amount.amount, &budgets);
+    if let Some(threshold) = policy.require_approval_above
+        && amount.amount > threshold
+    {
+        return Decision {
+            outcome: Outcome::PendingApproval,
+            reasons: vec![Reason::new(
+                ReasonCode::ApprovalRequired,
+                format!(
+                    "purchases above {} need an administrator's approval; the amount is reserved while it waits",
+                    Money::new(threshold, currency)
+                ),
+            )],
+            reserve,
+            budgets: apply(budgets, reserve),
+        };
+    }
+    Decision {
+        outcome: Outcome::Approved,
+        reasons: vec![Reason::new(ReasonCode::WithinPolicy, "within policy")],
+        reserve,
+        budgets: apply(budgets, reserve),
+    }
+}
+
+fn budget_statuses(policy: &CompiledPolicy, usage: &Usage, now: UnixSeconds) -> Vec<BudgetStatus> {
+    policy
+        .budgets
+        .iter()
+        .map(|rule| {
+            let committed = usage.committed_in(rule.period);
+            BudgetStatus {
+                period: rule.period,
+                limit: rule.limit,
+                committed,
+                remaining: rule.limit - committed,
+                resets_at: rule.period.resets_at(now),
+            }
+        })
+        .collect()
+}
+
+/// The card's spending limit may exceed the amount by the policy's buffer, but the buffer
+/// shrinks so that no budget's reservation ever exceeds its limit.
+fn buffer(policy: &CompiledPolicy, amount: i64, budgets: &[BudgetStatus]) -> i64 {
+    let wanted = amount.saturating_mul(i64::from(policy.card_buffer_bps)) / 10_000;
+    let headroom = budgets
+        .iter()
+        .map(|b| b.remaining - amount)
+        .min()
+        .unwrap_or(i64::MAX);
+    wanted.min(headroom).max(0)
+}
+
+fn apply(mut budgets: Vec<BudgetStatus>, reserve: i64) -> Vec<BudgetStatus> {
+    for b in &mut budgets {
+        b.committed += reserve;
+        b.remaining -= reserve;
+    }
+    budgets
+}
+
+fn merchant_reasons(policy: &CompiledPolicy, intent: &PurchaseIntent, reasons: &mut Vec<Reason>) {
+    let m = &intent.merchant;
+    let rules = &policy.merchants;
+    let domain = m.domain.as_deref();
+    let denied_domain = domain.and_then(|d| rules.deny_domains.iter().find(|r| domain_matches(d, r)));
+    let denied_name = rules.deny_names.iter().find(|n| **n == m.normalized_name);
+    if let Some(rule) = denied_domain {
+        reasons.push(Reason::new(
+            ReasonCode::MerchantNotAllowed,
+            format!("merchant domain {rule} is blocked by policy"),
+        ));
+    } else if denied_name.is_some() {
+        reasons.push(Reason::new(
+            ReasonCode::MerchantNotAllowed,
+            format!("merchant {:?} is blocked by policy", m.name),
+        ));
+    }
+    let has_allow = !rules.allow_domains.is_empty() || !rules.allow_names.is_empty();
+    if has_allow {
+        let allowed_by_domain =
+            domain.is_some_and(|d| rules.allow_domains.iter().any(|r| domain_matches(d, r)));
+        let allowed_by_name = rules.allow_names.iter().any(|n| *n == m.normalized_name);
+        if !allowed_by_domain && !allowed_by_name {
+            let mut list: Vec<&str> = rules.allow_domains.iter().map(String::as_str).collect();
+            list.extend(rules.allow_names.iter().map(String::as_str));
+            reasons.push(Reason::new(
+                ReasonCode::MerchantNotAllowed,
+                format!(
+                    "this agent may only buy from: {}{}",
+                    list.join(", "),
+                    if domain.is_none() && !rules.allow_domains.is_empty() {
+                        " (give merchant.url so the domain can be checked)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+}
+
+fn category_reasons(policy: &CompiledPolicy, intent: &PurchaseIntent, reasons: &mut Vec<Reason>) {
+    let rules = &policy.categories;
+    let category = intent.merchant.category.as_deref();
+    if let Some(c) = category
+        && rules.deny.iter().any(|d| d == c)
+    {
+        reasons.push(Reason::new(
+            ReasonCode::CategoryNotAllowed,
+            format!("merchant category {c} is blocked by policy"),
+        ));
+    }
+    if !rules.allow.is_empty() && !category.is_some_and(|c| rules.allow.iter().any(|a| a == c)) {
+        reasons.push(Reason::new(
+            ReasonCode::CategoryNotAllowed,
+            match category {
+                Some(c) => format!(
+                    "merchant category {c} is not allowed; allowed: {}",
+                    rules.allow.join(", ")
+                ),
+                None => format!(
+                    "this policy only allows categories {}; give merchant.category or merchant.mcc",
+                    rules.allow.join(", ")
+                ),
+            },
+        ));
+    }
+}
+
+fn country_reasons(policy: &CompiledPolicy, intent: &PurchaseIntent, reasons: &mut Vec<Reason>) {
+    let rules = &policy.countries;
+    let country = intent.merchant.country.as_deref();
+    if let Some(c) = country
+        && rules.deny.iter().any(|d| d == c)
+    {
+        reasons.push(Reason::new(
+            ReasonCode::CountryNotAllowed,
+            format!("merchants in {c} are blocked by policy"),
+        ));
+    }
+    if !rules.allow.is_empty() && !country.is_some_and(|c| rules.allow.iter().any(|a| a == c)) {
+        reasons.push(Reason::new(
+            ReasonCode::CountryNotAllowed,
+            match country {
+                Some(c) => format!(
+                    "merchants in {c} are not allowed; allowed countries: {}",
+                    rules.allow.join(", ")
+                ),
+                None => format!(
+                    "this policy only allows merchants in {}; give merchant.country",
+                    rules.allow.join(", ")
+                ),
+            },
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,581 @@
+//! The one service layer. The OpenAPI handlers (`api`), the MCP tools (`mcp`) and background
+//! tasks call these functions; none of them touch the store or Stripe directly.
+
+pub mod ids;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth;
+use crate::domain::intent::PurchaseRequest;
+use crate::domain::money::Money;
+use crate::domain::time::UnixSeconds;
+use crate::issuer::{BillingAddress, CardSpec, IssuedCard, Issuer, IssuerError};
+use crate::policy::{Outcome, PolicyError, Reason, ReasonCode};
+use crate::store::{
+    AgentKeyRecord, AgentRecord, AgentStatus, CardRef, Decided, IntentRecord, IntentStatus,
+    Store, StoreError,
+};
+pub use views::{BudgetView, CardView, IntentPage, IntentView, StatusView};
+
+/// A source of the current time, so tests can move it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> UnixSeconds;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> UnixSeconds {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Billing address of the cardholders Roony creates.
+    pub billing: BillingAddress,
+    /// How often the expiry task looks for due cards.
+    pub expiry_interval: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            billing: BillingAddress::default(),
+            expiry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An authenticated agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing agent key: send Authorization: Bearer <agent key>")]
+    Missing,
+    #[error("invalid agent key")]
+    Invalid,
+}
+
+/// Errors of the purchase operations. Decisions (declines, pending approvals) are not
+/// errors: they are results.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Invalid(#[from] crate::domain::intent::ValidationError),
+    #[error("purchase intent not found")]
+    NotFound,
+    #[error("this idempotency key was already used with a different request")]
+    IdempotencyMismatch,
+    #[error("the purchase intent is {0} and cannot be canceled")]
+    NotCancelable(&'static str),
+    #[error("the purchase intent is still being processed; retry shortly")]
+    InProgress,
+    #[error("stripe is unavailable: {0}")]
+    Stripe(IssuerError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ServiceError::NotFound,
+            StoreError::IdempotencyMismatch => ServiceError::IdempotencyMismatch,
+            StoreError::WrongState("issuing") => ServiceError::InProgress,
+            StoreError::WrongState(s) => ServiceError::NotCancelable(s),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The outcome of `request_purchase`.
+#[derive(Debug)]
+pub struct PurchaseOutcome {
+    pub intent: IntentView,
+    /// True when an idempotency key matched an earlier request.
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentAdminError {
+    #[error("invalid policy")]
+    Policy(Vec<PolicyError>),
+    #[error("{0}")]
+    Key(#[from] auth::KeyError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    issuer: Issuer,
+    config: ServiceConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("task failed: {e}")))?
+        .map_err(ServiceError::from)
+}
+
+impl Service {
+    pub fn new(store: Store, issuer: Issuer, config: ServiceConfig, clock: Arc<dyn Clock>) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                store,
+                issuer,
+                config,
+                clock,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn now(&self) -> UnixSeconds {
+        self.inner.clock.now()
+    }
+
+    // ---- agents ------------------------------------------------------------------------
+
+    /// Creates (or replaces) an agent with a policy and a key, returning the key's plaintext
+    /// once. With `key`, that operator-chosen key is used instead of a generated one.
+    pub fn create_agent(
+        &self,
+        id: &str,
+        name: &str,
+        policy: crate::policy::Policy,
+        key: Option<&str>,
+    ) -> Result<String, AgentAdminError> {
+        policy.compile().map_err(AgentAdminError::Policy)?;
+        let new_key = match key {
+            Some(k) => auth::from_plaintext(k)?,
+            None => auth::generate(),
+        };
+        let now = self.now();
+        self.inner.store.put_agent(&AgentRecord {
+            id: id.to_string(),
+            name: name.to_string(),
+            status: AgentStatus::Active,
+            policy,
+            created: now,
+        })?;
+        self.inner.store.put_agent_key(
+            &new_key.key_id,
+            &AgentKeyRecord {
+                agent_id: id.to_string(),
+                key_hash: new_key.hash.clone(),
+                created: now,
+                revoked: false,
+            },
+        )?;
+        Ok(new_key.plaintext)
+    }
+
+    /// Resolves a presented bearer key to its agent.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<AgentIdentity, AuthError> {
+        let key = presented.map(str::trim).filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
+        let record = self
+            .inner
+            .store
+            .agent_key(&auth::key_id(key))
+            .map_err(|e| {
+                tracing::error!(error = %e, "agent key lookup failed");
+                AuthError::Invalid
+            })?
+            .ok_or(AuthError::Invalid)?;
+        if record.revoked || !auth::verify(key, &record.key_hash) {
+            return Err(AuthError::Invalid);
+        }
+        Ok(AgentIdentity {
+            agent_id: record.agent_id.clone(),
+        })
+    }
+
+    // ---- purchases ---------------------------------------------------------------------
+
+    /// Decides a purchase and, when approved, issues its card. Any failure after approval
+    /// releases the reservation; nothing approves on error.
+    pub async fn request_purchase(
+        &self,
+        agent: &AgentIdentity,
+        request: PurchaseRequest,
+        header_key: Option<&str>,
+    ) -> Result<PurchaseOutcome, ServiceError> {
+        let intent = request.validate(header_key)?;
+        let now = self.now();
+        let store = self.inner.store.clone();
+        let agent_id = agent.agent_id.clone();
+        let decided = blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id)).await?;
+        match decided {
+            Decided::Replay(rec) => {
+                let mut view = IntentView::from_record(&rec);
+                if rec.status == IntentStatus::Issuing {
+                    return Err(ServiceError::InProgress);
+                }
+                if rec.status == IntentStatus::Approved
+                    && let (Some(card_ref), Some(card)) = (&rec.card, view.card.as_mut())
+                {
+                    // The agent retried the request that created the card: give it the card
+                    // again (fetched from Stripe; Roony never stores card numbers).
+                    let issued = self
+                        .inner
+                        .issuer
+                        .retrieve_card(&card_ref.id, true)
+                        .await
+                        .map_err(ServiceError::Stripe)?;
+                    if let Some(s) = issued.secrets {
+                        card.number = Some(s.number);
+                        card.cvc = Some(s.cvc);
+                    }
+                }
+                Ok(PurchaseOutcome {
+                    intent: view,
+                    replayed: true,
+                })
+            }
+            Decided::New(rec) => {
+                log_decision(&rec);
+                if rec.status != IntentStatus::Issuing {
+                    return Ok(PurchaseOutcome {
+                        intent: IntentView::from_record(&rec),
+                        replayed: false,
+                    });
+                }
+                let (rec, card) = self.issue(rec).await?;
+                let mut view = IntentView::from_record(&rec);
+                if let (Some(card), Some(v)) = (card, view.card.as_mut())
+                    && let Some(s) = card.secrets
+                {
+                    v.number = Some(s.number);
+                    v.cvc = Some(s.cvc);
+                }
+                Ok(PurchaseOutcome {
+                    intent: view,
+                    replayed: false,
+                })
+            }
+        }
+    }
+
+    /// Creates the card of an `issuing` intent and records the result.
+    async fn issue(&self, rec: IntentRecord) -> Result<(IntentRecord, Option<IssuedCard>), ServiceError> {
+        let result = self.create_card_for(&rec).await;
+        let now = self.now();
+        let store = self.inner.store.clone();
+        let id = rec.id.clone();
+        match result {
+            Ok(card) => {
+                let card_ref = CardRef {
+                    id: card.id.clone(),
+                    brand: card.brand.clone(),
+                    last4: card.last4.clone(),
+                    exp_month: card.exp_month,
+                    exp_year: card.exp_year,
+                    spending_limit: rec.reservation.as_ref().map_or(0, |r| r.amount),
+                    cardholder: card.cardholder.clone(),
+                    billing: card.billing.clone(),
+                };
+                match blocking(move || store.complete_issuance(&id, card_ref, now)).await {
+                    Ok(rec) => {
+                        tracing::info!(intent = %rec.id, card = %card.id, last4 = %card.last4, "card issued");
+                        Ok((rec, Some(card)))
+                    }
+                    Err(e) => {
+                        // The card exists but could not be recorded: cancel it so it cannot be
+                        // used; the intent stays `issuing` and start-up recovery settles it.
+                        tracing::error!(intent = %rec.id, error = %e, "recording the card failed; canceling it");
+                        if let Err(c) = self.inner.issuer.cancel_card(&card.id).await {
+                            tracing::error!(card = %card.id, error = %c, "cancel failed");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(intent = %rec.id, error = %e, "card issuance failed; releasing the reservation");
+                let reason = Reason::new(
+                    ReasonCode::CardIssuanceFailed,
+                    format!(
+                        "the purchase was approved but the card could not be created ({e}); nothing is reserved — retry with the same idempotency key"
+                    ),
+                );
+                let rec = blocking(move || store.fail_issuance(&id, reason, now)).await?;
+                Ok((rec, None))
+            }
+        }
+    }
+
+    async fn create_card_for(&self, rec: &IntentRecord) -> Result<IssuedCard, IssuerError> {
+        let agent = self
+            .inner
+            .store
+            .agent(&rec.agent_id)
+            .ok()
+            .flatten()
+            .ok_or_else(|| IssuerError::Config("agent vanished".into()))?;
+        let cardholder = match self.inner.store.cardholder(&rec.agent_id) {
+            Ok(Some(c)) => c,
+            _ => {
+                let c = self
+                    .inner
+                    .issuer
+                    .create_cardholder(&rec.agent_id, &agent.record.name, &self.inner.config.billing)
+                    .await?;
+                if let Err(e) = self.inner.store.put_cardholder(&rec.agent_id, &c) {
+                    tracing::warn!(error = %e, "could not remember the cardholder");
+                }
+                c
+            }
+        };
+        let policy = agent
+            .policy
+            .as_ref()
+            .map_err(|_| IssuerError::Config("invalid policy".into()))?;
+        let m = &rec.request.merchant;
+        let (allowed_categories, blocked_categories) = match &m.category {
+            Some(c) => (vec![c.clone()], vec![]),
+            None => (policy.categories.allow.clone(), policy.categories.deny.clone()),
+        };
+        let (allowed_countries, blocked_countries) = match &m.country {
+            Some(c) => (vec![c.clone()], vec![]),
+            None => (policy.countries.allow.clone(), policy.countries.deny.clone()),
+        };
+        let spec = CardSpec {
+            intent_id: rec.id.clone(),
+            agent_id: rec.agent_id.clone(),
+            cardholder,
+            currency: rec.request.amount.currency,
+            spending_limit: rec.reservation.as_ref().map_or(0, |r| r.amount),
+            allowed_categories,
+            blocked_categories,
+            allowed_countries,
+            blocked_countries,
+            idempotency_key: rec.stripe_idempotency_key.clone(),
+        };
+        if spec.spending_limit <= 0 {
+            return Err(IssuerError::Config("nothing reserved".into()));
+        }
+        self.inner.issuer.create_card(&spec).await
+    }
+
+    fn owned_intent(&self, agent: &AgentIdentity, id: &str) -> Result<IntentRecord, ServiceError> {
+        match self.inner.store.intent(id)? {
+            // Another agent's intent is reported as missing, not forbidden.
+            Some(rec) if rec.agent_id == agent.agent_id => Ok(rec),
+            _ => Err(ServiceError::NotFound),
+        }
+    }
+
+    pub fn get_purchase(&self, agent: &AgentIdentity, id: &str) -> Result<IntentView, ServiceError> {
+        Ok(IntentView::from_record(&self.owned_intent(agent, id)?))
+    }
+
+    pub fn list_purchases(
+        &self,
+        agent: &AgentIdentity,
+        limit: usize,
+        starting_after: Option<&str>,
+    ) -> Result<IntentPage, ServiceError> {
+        let limit = limit.clamp(1, 100);
+        let cursor = match starting_after {
+            Some(id) => Some(self.owned_intent(agent, id)?),
+            None => None,
+        };
+        let mut rows = self
+            .inner
+            .store
+            .list_intents(&agent.agent_id, limit + 1, cursor.as_ref())?;
+        let has_more = rows.len() > limit;
+        rows.truncate(limit);
+        let data: Vec<IntentView> = rows.iter().map(IntentView::from_record).collect();
+        Ok(IntentPage {
+            next_cursor: if has_more { data.last().map(|v| v.id.clone()) } else { None },
+            has_more,
+            data,
+        })
+    }
+
+    /// Cancels an approved or pending intent: the card is canceled at Stripe first, then the
+    /// reservation is released. Canceling a canceled intent returns it unchanged.
+    pub async fn cancel_purchase(&self, agent: &AgentIdentity, id: &str) -> Result<IntentView, ServiceError> {
+        let rec = self.owned_intent(agent, id)?;
+        match rec.status {
+            IntentStatus::Canceled => return Ok(IntentView::from_record(&rec)),
+            IntentStatus::Issuing => return Err(ServiceError::InProgress),
+            IntentStatus::Approved | IntentStatus::PendingApproval => {}
+            other => return Err(ServiceError::NotCancelable(other.as_str())),
+        }
+        self.end(rec, IntentStatus::Canceled).await.map(|r| IntentView::from_record(&r))
+    }
+
+    /// Cancels the card (if any) and moves the intent to `to`, releasing its reservation.
+    async fn end(&self, rec: IntentRecord, to: IntentStatus) -> Result<IntentRecord, ServiceError> {
+        if let Some(card) = &rec.card {
+            match self.inner.issuer.cancel_card(&card.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!(card = %card.id, "card unknown to stripe; treating as canceled");
+                }
+                Err(e) => return Err(ServiceError::Stripe(e)),
+            }
+        }
+        let reason = match to {
+            IntentStatus::Expired => Reason::new(
+                ReasonCode::IntentExpired,
+                "the card expired unused and was canceled; its reservation was released",
+            ),
+            _ => Reason::new(
+                ReasonCode::IntentCanceled,
+                "canceled by the agent; the card was canceled and its reservation released",
+            ),
+        };
+        let now = self.now();
+        let store = self.inner.store.clone();
+        let id = rec.id.clone();
+        let rec = blocking(move || store.finish(&id, to, reason, now)).await?;
+        tracing::info!(intent = %rec.id, status = rec.status.as_str(), "intent ended; reservation released");
+        Ok(rec)
+    }
+
+    pub fn budget(&self, agent: &AgentIdentity) -> Result<BudgetView, ServiceError> {
+        let a = self
+            .inner
+            .store
+            .agent(&agent.agent_id)?
+            .ok_or(ServiceError::NotFound)?;
+        let policy = a
+            .policy
+            .as_ref()
+            .map_err(|_| ServiceError::Internal("agent policy is invalid".into()))?;
+        let budgets = self.inner.store.budgets(&agent.agent_id, policy, self.now())?;
+        let summary = if budgets.is_empty() {
+            "no period budgets are set".to_string()
+        } else {
+            budgets
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} budget: {} left of {}",
+                        b.period.as_str().replace('_', "-"),
+                        Money::new(b.remaining.max(0), policy.currency),
+                        Money::new(b.limit, policy.currency)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        Ok(BudgetView {
+            agent_id: agent.agent_id.clone(),
+            currency: policy.currency.code().to_string(),
+            max_per_transaction: policy.max_per_transaction,
+            require_approval_above: policy.require_approval_above,
+            budgets,
+            summary,
+        })
+    }
+
+    // ---- background work ---------------------------------------------------------------
+
+    /// Expires due cards and approvals once. Returns how many intents were ended.
+    pub async fn expire_due(&self) -> Result<usize, ServiceError> {
+        let now = self.now();
+        let due = self.inner.store.due_timers(now, 100)?;
+        let mut ended = 0;
+        for (at, id) in due {
+            let Some(rec) = self.inner.store.intent(&id)? else {
+                self.inner.store.remove_timer(at, &id)?;
+                continue;
+            };
+            match rec.status {
+                IntentStatus::Approved | IntentStatus::PendingApproval => {
+                    match self.end(rec, IntentStatus::Expired).await {
+                        Ok(_) => ended += 1,
+                        Err(e) => tracing::warn!(intent = %id, error = %e, "expiry failed; will retry"),
+                    }
+                }
+                // Card creation still running or being recovered: try again next round.
+                IntentStatus::Issuing => {}
+                _ => self.inner.store.remove_timer(at, &id)?,
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Finishes card creations interrupted by a crash: the same Stripe idempotency key is
+    /// used, so a card Stripe already made is found rather than made twice.
+    pub async fn recover(&self) -> Result<usize, ServiceError> {
+        let ids = self.inner.store.issuing()?;
+        let mut n = 0;
+        for id in ids {
+            if let Some(rec) = self.inner.store.intent(&id)?
+                && rec.status == IntentStatus::Issuing
+            {
+                tracing::info!(intent = %id, "recovering interrupted card issuance");
+                self.issue(rec).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Runs recovery, then the expiry loop, until the process ends.
+    pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = svc.recover().await {
+                tracing::error!(error = %e, "recovery failed");
+            }
+            let mut tick = tokio::time::interval(svc.inner.config.expiry_interval);
+            loop {
+                tick.tick().await;
+                if let Err(e) = svc.expire_due().await {
+                    tracing::error!(error = %e, "expiry pass failed");
+                }
+            }
+        })
+    }
+}
+
+fn log_decision(rec: &IntentRecord) {
+    let codes: Vec<&str> = rec.decision.reasons.iter().map(|r| r.code.as_str()).collect();
+    tracing::info!(
+        intent = %rec.id,
+        decision = %rec.decision.id,
+        agent = %rec.agent_id,
+        outcome = ?rec.decision.outcome,
+        amount = %rec.request.amount,
+        merchant = %rec.request.merchant.name,
+        reasons = ?codes,
+        "decision"
+    );
+    debug_assert!(rec.decision.outcome != Outcome::Approved || rec.reservation.is_some());
+}

@@ -1,0 +1,182 @@
+//! What the service returns to agents, whichever interface they use (OpenAPI or MCP).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::time::UnixSeconds;
+use crate::issuer::BillingAddress;
+use crate::policy::{BudgetStatus, Reason};
+use crate::store::{IntentRecord, IntentStatus};
+
+/// The merchant as Roony understood it (normalized).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MerchantView {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+}
+
+/// A single-use virtual card. `number` and `cvc` are present only in the response that
+/// created the card (or an idempotent replay of it); Roony never stores them.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct CardView {
+    /// Stripe card id (`ic_…`).
+    pub id: String,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: i64,
+    pub exp_year: i64,
+    /// Full card number (PAN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cvc: Option<String>,
+    /// Billing postal code to enter at checkout.
+    pub billing_zip: String,
+    pub billing_address: BillingAddress,
+    /// The most the card can be charged in total, minor units.
+    pub spending_limit: i64,
+}
+
+impl std::fmt::Debug for CardView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardView")
+            .field("id", &self.id)
+            .field("last4", &self.last4)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Intent status as agents see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusView {
+    /// Approved; the card is being created.
+    Processing,
+    Approved,
+    Declined,
+    PendingApproval,
+    /// Approved, but the card could not be created; nothing is reserved. Retry with the
+    /// same idempotency key.
+    Failed,
+    Canceled,
+    Expired,
+}
+
+impl From<IntentStatus> for StatusView {
+    fn from(s: IntentStatus) -> Self {
+        match s {
+            IntentStatus::Issuing => StatusView::Processing,
+            IntentStatus::Approved => StatusView::Approved,
+            IntentStatus::Declined => StatusView::Declined,
+            IntentStatus::PendingApproval => StatusView::PendingApproval,
+            IntentStatus::Failed => StatusView::Failed,
+            IntentStatus::Canceled => StatusView::Canceled,
+            IntentStatus::Expired => StatusView::Expired,
+        }
+    }
+}
+
+/// A purchase intent and its decision.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct IntentView {
+    /// Intent id (`pur_…`).
+    pub id: String,
+    pub status: StatusView,
+    /// Amount in minor units.
+    pub amount: i64,
+    /// ISO 4217 code, upper case.
+    pub currency: String,
+    pub merchant: MerchantView,
+    pub description: String,
+    /// Why: every matching rule, as a stable code and a message. Approvals carry
+    /// `within_policy`.
+    pub reasons: Vec<Reason>,
+    /// Id of the decision record (for the decision log).
+    pub decision_id: String,
+    /// Budgets as of the decision.
+    pub budgets: Vec<BudgetStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card: Option<CardView>,
+    /// Unix seconds.
+    pub created: UnixSeconds,
+    /// Unix seconds when the card (or the pending approval) expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<UnixSeconds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl IntentView {
+    pub fn from_record(rec: &IntentRecord) -> IntentView {
+        let m = &rec.request.merchant;
+        let mut reasons = rec.decision.reasons.clone();
+        if let Some(r) = &rec.status_reason {
+            reasons.push(r.clone());
+        }
+        IntentView {
+            id: rec.id.clone(),
+            status: rec.status.into(),
+            amount: rec.request.amount.amount,
+            currency: rec.request.amount.currency.code().to_string(),
+            merchant: MerchantView {
+                name: m.name.clone(),
+                domain: m.domain.clone(),
+                country: m.country.clone(),
+                mcc: m.mcc.map(|c| format!("{c:04}")),
+                category: m.category.clone(),
+            },
+            description: rec.request.description.clone(),
+            reasons,
+            decision_id: rec.decision.id.clone(),
+            budgets: rec.decision.budgets.clone(),
+            card: rec.card.as_ref().map(|c| CardView {
+                id: c.id.clone(),
+                brand: c.brand.clone(),
+                last4: c.last4.clone(),
+                exp_month: c.exp_month,
+                exp_year: c.exp_year,
+                number: None,
+                cvc: None,
+                billing_zip: c.billing.postal_code.clone(),
+                billing_address: c.billing.clone(),
+                spending_limit: c.spending_limit,
+            }),
+            created: rec.created,
+            expires_at: rec.expires_at,
+            idempotency_key: rec.request.idempotency_key.clone(),
+        }
+    }
+}
+
+/// A page of intents, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct IntentPage {
+    pub data: Vec<IntentView>,
+    pub has_more: bool,
+    /// Pass as `starting_after` to get the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The agent's budgets right now.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct BudgetView {
+    pub agent_id: String,
+    pub currency: String,
+    /// Largest single purchase, minor units.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_transaction: Option<i64>,
+    /// Purchases above this need an administrator's approval, minor units.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_approval_above: Option<i64>,
+    pub budgets: Vec<BudgetStatus>,
+    /// A sentence summarizing what is left, for an LLM.
+    pub summary: String,
+}

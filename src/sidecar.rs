@@ -1,0 +1,76 @@
+//! Wiring of the sidecar process: store, issuer, service, background tasks, HTTP server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::issuer::{BillingAddress, Issuer, IssuerError, StripeConfig};
+use crate::service::{Service, ServiceConfig, SystemClock};
+use crate::store::{Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub stripe: StripeConfig,
+    pub billing: BillingAddress,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot set up the stripe client: {0}")]
+    Issuer(#[from] IssuerError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// Opens the sidecar database in `data_dir` (created if needed).
+pub fn open_store(data_dir: &Path) -> Result<Store, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir(data_dir.to_path_buf(), e))?;
+    Ok(Store::open(&data_dir.join("sidecar.redb"))?)
+}
+
+/// Builds the service from a store and configuration.
+pub fn build_service(store: Store, config: &SidecarConfig) -> Result<Service, StartError> {
+    let issuer = Issuer::new(config.stripe.clone())?;
+    Ok(Service::new(
+        store,
+        issuer,
+        ServiceConfig {
+            billing: config.billing.clone(),
+            ..ServiceConfig::default()
+        },
+        Arc::new(SystemClock),
+    ))
+}
+
+/// A running sidecar.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub background: tokio::task::JoinHandle<()>,
+}
+
+/// Binds, starts background tasks and serves the agent API until `shutdown` resolves.
+pub async fn start(
+    service: Service,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Running, StartError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| StartError::Listen(listen, e))?;
+    let addr = listener.local_addr().map_err(|e| StartError::Listen(listen, e))?;
+    let background = service.spawn_background();
+    let app = crate::api::router(service);
+    let server = tokio::spawn(crate::api::serve(listener, app, shutdown));
+    Ok(Running {
+        addr,
+        server,
+        background,
+    })
+}

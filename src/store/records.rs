@@ -1,0 +1,124 @@
+//! Records kept in the sidecar's redb database. Values are JSON so that a schema change can
+//! add fields with serde defaults; keys are typed tuples (see docs/design.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::intent::PurchaseIntent;
+use crate::domain::money::Currency;
+use crate::domain::time::{Period, UnixSeconds};
+use crate::policy::{BudgetStatus, Outcome, Policy, Reason};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Active,
+    Frozen,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub status: AgentStatus,
+    pub policy: Policy,
+    pub created: UnixSeconds,
+}
+
+/// An agent key: only its SHA-256 hash is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentKeyRecord {
+    pub agent_id: String,
+    /// Hex SHA-256 of the whole key.
+    pub key_hash: String,
+    pub created: UnixSeconds,
+    pub revoked: bool,
+}
+
+/// Where an intent is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentStatus {
+    /// Approved and reserved; the card is being created at Stripe.
+    Issuing,
+    /// Approved; the card is active and unused.
+    Approved,
+    Declined,
+    PendingApproval,
+    /// Approved, but the card could not be created; the reservation was released.
+    Failed,
+    Canceled,
+    Expired,
+}
+
+impl IntentStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IntentStatus::Issuing => "issuing",
+            IntentStatus::Approved => "approved",
+            IntentStatus::Declined => "declined",
+            IntentStatus::PendingApproval => "pending_approval",
+            IntentStatus::Failed => "failed",
+            IntentStatus::Canceled => "canceled",
+            IntentStatus::Expired => "expired",
+        }
+    }
+}
+
+/// Money held against the agent's budgets for one intent, and the buckets it was counted in,
+/// so that a release subtracts from exactly those buckets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub amount: i64,
+    pub currency: Currency,
+    /// (period, bucket start) for every period kind.
+    pub buckets: Vec<(Period, UnixSeconds)>,
+}
+
+/// A reference to a card at Stripe. Never a card number or CVC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardRef {
+    pub id: String,
+    pub brand: String,
+    pub last4: String,
+    pub exp_month: i64,
+    pub exp_year: i64,
+    /// The card's all-time spending limit, minor units.
+    pub spending_limit: i64,
+    pub cardholder: String,
+    pub billing: crate::issuer::BillingAddress,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub id: String,
+    pub outcome: Outcome,
+    pub reasons: Vec<Reason>,
+    pub budgets: Vec<BudgetStatus>,
+    pub decided_at: UnixSeconds,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    pub id: String,
+    pub agent_id: String,
+    pub created: UnixSeconds,
+    pub updated: UnixSeconds,
+    pub request: PurchaseIntent,
+    /// Hex SHA-256 of the validated request, to detect an idempotency key reused with a
+    /// different body.
+    pub request_hash: String,
+    pub status: IntentStatus,
+    pub decision: DecisionRecord,
+    /// Present while money is held; `None` once released or never reserved.
+    pub reservation: Option<Reservation>,
+    pub card: Option<CardRef>,
+    /// Sent to Stripe on card creation; persisted before the call so a retry never makes a
+    /// second card.
+    pub stripe_idempotency_key: String,
+    /// When the card (or the pending approval) expires.
+    pub expires_at: Option<UnixSeconds>,
+    /// The last status change's reason, e.g. `card_issuance_failed` with Stripe's message.
+    pub status_reason: Option<Reason>,
+    /// How many times card issuance was attempted for this intent.
+    pub issuance_attempts: u32,
+}

@@ -1,1 +1,131 @@
-fn main(){}
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+//! Policy evaluation on a 50-rule policy (goal: median ≤ 2 µs).
+//! Run: `cargo bench --bench policy`. Results: docs/benchmarks.md.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use roony::domain::intent::{MerchantInput, PurchaseRequest};
+use roony::domain::money::Currency;
+use roony::domain::time::Period;
+use roony::policy::{AgentState, BudgetRule, ListRule, Policy, Usage, VelocityRule, evaluate};
+
+/// 50 rules: a per-transaction cap, 4 budgets, 20 merchant domain and name rules, 15
+/// category rules, 8 country rules, 2 velocity rules.
+fn fifty_rule_policy() -> Policy {
+    let mut p = Policy::new(Currency::USD);
+    p.max_per_transaction = Some(50_000);
+    p.budgets = Period::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, period)| BudgetRule {
+            period: *period,
+            limit: 100_000 * (i as i64 + 1),
+        })
+        .collect();
+    p.merchants.allow_domains = (0..10).map(|i| format!("shop{i}.example.com")).collect();
+    p.merchants.allow_domains.push("namecheap.com".into());
+    p.merchants.deny_names = (0..9).map(|i| format!("Bad Merchant {i}")).collect();
+    p.categories = ListRule {
+        allow: vec![],
+        deny: [
+            "betting_casino_gambling",
+            "dating_escort_services",
+            "massage_parlors",
+            "wires_money_orders",
+            "pawn_shops",
+            "cigar_stores_and_stands",
+            "package_stores_beer_wine_and_liquor",
+            "automated_cash_disburse",
+            "manual_cash_disburse",
+            "security_brokers_dealers",
+            "timeshares",
+            "bail_and_bond_payments",
+            "fines_government_administrative_entities",
+            "government_licensed_online_casions_online_gambling_us_region_only",
+            "non_fi_stored_value_card_purchase_load",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    };
+    p.countries = ListRule {
+        allow: vec![],
+        deny: ["RU", "KP", "IR", "SY", "CU", "BY", "VE", "MM"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    p.velocity = vec![
+        VelocityRule {
+            max_intents: 10,
+            window_seconds: 60,
+        },
+        VelocityRule {
+            max_intents: 100,
+            window_seconds: 3_600,
+        },
+    ];
+    p.require_approval_above = Some(20_000);
+    p
+}
+
+fn bench(c: &mut Criterion) {
+    let policy = fifty_rule_policy().compile().expect("valid policy");
+    let rules = 1
+        + policy.budgets.len()
+        + policy.merchants.allow_domains.len()
+        + policy.merchants.deny_names.len()
+        + policy.categories.deny.len()
+        + policy.countries.deny.len()
+        + policy.velocity.len()
+        + 1;
+    assert!(rules >= 50, "{rules} rules");
+    let intent = PurchaseRequest {
+        amount: 1_200,
+        currency: "usd".into(),
+        merchant: MerchantInput {
+            name: "Namecheap".into(),
+            url: Some("https://www.namecheap.com/checkout".into()),
+            country: Some("US".into()),
+            mcc: Some("5734".into()),
+            ..Default::default()
+        },
+        description: "a domain".into(),
+        line_items: vec![],
+        idempotency_key: None,
+    }
+    .validate(None)
+    .expect("valid intent");
+    let usage = Usage {
+        committed: [10_000, 30_000, 90_000, 200_000],
+        velocity_counts: vec![3, 20],
+    };
+    let now = 1_795_335_491;
+    c.bench_function("policy_evaluate_50_rules_approve", |b| {
+        b.iter(|| {
+            evaluate(
+                &policy,
+                std::hint::black_box(&intent),
+                &usage,
+                AgentState::default(),
+                now,
+            )
+        })
+    });
+    let mut declined = intent.clone();
+    declined.merchant.category = Some("betting_casino_gambling".into());
+    declined.merchant.domain = Some("casino.example".into());
+    c.bench_function("policy_evaluate_50_rules_decline", |b| {
+        b.iter(|| {
+            evaluate(
+                &policy,
+                std::hint::black_box(&declined),
+                &usage,
+                AgentState::default(),
+                now,
+            )
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

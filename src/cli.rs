@@ -110,7 +110,10 @@ pub enum AgentCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("roony: cannot start the runtime: {e}");
@@ -187,8 +190,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         }) => {
             let text = std::fs::read_to_string(&policy)
                 .map_err(|e| format!("cannot read {}: {e}", policy.display()))?;
-            let policy: crate::policy::Policy = serde_json::from_str(&text)
-                .map_err(|e| format!("{}: {e}", policy.display()))?;
+            let policy: crate::policy::Policy =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", policy.display()))?;
             let store = sidecar::open_store(&data_dir).map_err(|e| e.to_string())?;
             let key = crate::dev::admin_service(store)?
                 .create_agent(&id, &name, policy, None)
@@ -211,7 +214,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-pub async fn wait_server(server: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<(), String> {
+pub async fn wait_server(
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<(), String> {
     match server.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("server failed: {e}")),

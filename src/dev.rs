@@ -21,9 +21,17 @@ pub const DEV_STRIPE_KEY: &str = "sk_test_roony_dev";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    #[arg(long, env = "ROONY_DEV_SIDECAR_LISTEN", default_value = "127.0.0.1:8787")]
+    #[arg(
+        long,
+        env = "ROONY_DEV_SIDECAR_LISTEN",
+        default_value = "127.0.0.1:8787"
+    )]
     pub sidecar_listen: SocketAddr,
-    #[arg(long, env = "ROONY_DEV_EMULATOR_LISTEN", default_value = "127.0.0.1:12111")]
+    #[arg(
+        long,
+        env = "ROONY_DEV_EMULATOR_LISTEN",
+        default_value = "127.0.0.1:12111"
+    )]
     pub emulator_listen: SocketAddr,
     /// Where state lives.
     #[arg(long, env = "ROONY_DEV_DATA_DIR", default_value = ".roony/dev")]
@@ -47,9 +55,17 @@ pub fn demo_policy() -> Policy {
 
 /// A service for offline administration (no Stripe calls are made through it).
 pub fn admin_service(store: Store) -> Result<Service, String> {
-    let issuer = Issuer::new(StripeConfig::new("sk_test_offline", Some("http://127.0.0.1:9".into())))
-        .map_err(|e| e.to_string())?;
-    Ok(Service::new(store, issuer, ServiceConfig::default(), Arc::new(SystemClock)))
+    let issuer = Issuer::new(StripeConfig::new(
+        "sk_test_offline",
+        Some("http://127.0.0.1:9".into()),
+    ))
+    .map_err(|e| e.to_string())?;
+    Ok(Service::new(
+        store,
+        issuer,
+        ServiceConfig::default(),
+        Arc::new(SystemClock),
+    ))
 }
 
 pub async fn run(args: DevArgs) -> Result<(), String> {
@@ -74,7 +90,12 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
     let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
     let key = service
-        .create_agent(DEMO_AGENT_ID, "demo agent", demo_policy(), args.agent_key.as_deref())
+        .create_agent(
+            DEMO_AGENT_ID,
+            "demo agent",
+            demo_policy(),
+            args.agent_key.as_deref(),
+        )
         .map_err(|e| format!("cannot create the demo agent: {e}"))?;
     let running = sidecar::start(service, config.listen, stopped(stop_rx.clone()))
         .await

@@ -30,7 +30,8 @@ pub enum StartError {
 
 /// Opens the sidecar database in `data_dir` (created if needed).
 pub fn open_store(data_dir: &Path) -> Result<Store, StartError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir(data_dir.to_path_buf(), e))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StartError::DataDir(data_dir.to_path_buf(), e))?;
     Ok(Store::open(&data_dir.join("sidecar.redb"))?)
 }
 
@@ -64,7 +65,9 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| StartError::Listen(listen, e))?;
-    let addr = listener.local_addr().map_err(|e| StartError::Listen(listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(listen, e))?;
     let background = service.spawn_background();
     let app = crate::api::router(service);
     let server = tokio::spawn(crate::api::serve(listener, app, shutdown));

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 //! The Stripe emulator driven over HTTP by the real async-stripe client: every
 //! response here is parsed by async-stripe's own types.
 
@@ -8,8 +9,8 @@ use futures_util::TryStreamExt;
 use roony::emulator::{Emulator, EmulatorConfig};
 use serde_json::{Value, json};
 use stripe::{
-    AccountId, ApiErrorsCode, ApiErrorsType, Client, IdempotencyKey, RequestStrategy,
-    StripeError, StripeRequest,
+    AccountId, ApiErrorsCode, ApiErrorsType, Client, IdempotencyKey, RequestStrategy, StripeError,
+    StripeRequest,
 };
 use stripe_issuing::issuing_card::{
     CreateIssuingCard, CreateIssuingCardSpendingControls,
@@ -71,7 +72,11 @@ impl Running {
             req = req.json(&body);
         }
         let resp = req.send().await.expect("control request");
-        assert!(resp.status().is_success(), "control {path}: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "control {path}: {}",
+            resp.status()
+        );
         resp.json().await.expect("control json")
     }
 
@@ -105,7 +110,7 @@ fn luhn_valid(digits: &str) -> bool {
             }
         })
         .sum();
-    digits.len() >= 12 && digits.bytes().all(|b| b.is_ascii_digit()) && sum % 10 == 0
+    digits.len() >= 12 && digits.bytes().all(|b| b.is_ascii_digit()) && sum.is_multiple_of(10)
 }
 
 fn stripe_error(err: StripeError) -> (stripe::ApiErrors, u16) {
@@ -144,8 +149,9 @@ fn limits() -> CreateIssuingCardSpendingControls {
         5000,
         CreateIssuingCardSpendingControlsSpendingLimitsInterval::AllTime,
     )]);
-    controls.allowed_categories =
-        Some(vec![CreateIssuingCardSpendingControlsAllowedCategories::ComputerSoftwareStores]);
+    controls.allowed_categories = Some(vec![
+        CreateIssuingCardSpendingControlsAllowedCategories::ComputerSoftwareStores,
+    ]);
     controls.blocked_merchant_countries = Some(vec!["RU".to_owned(), "KP".to_owned()]);
     controls
 }
@@ -174,13 +180,27 @@ async fn card_lifecycle_with_async_stripe() {
     assert_eq!(card.type_, IssuingCardType::Virtual);
     assert_eq!(card.currency, Currency::USD);
     assert_eq!(card.brand, "Visa");
-    assert!(card.number.is_none() && card.cvc.is_none(), "create never reveals the number");
-    assert_eq!(card.metadata.get("intent_id").map(String::as_str), Some("pi_42"));
-    let limits = card.spending_controls.spending_limits.clone().expect("limits");
+    assert!(
+        card.number.is_none() && card.cvc.is_none(),
+        "create never reveals the number"
+    );
+    assert_eq!(
+        card.metadata.get("intent_id").map(String::as_str),
+        Some("pi_42")
+    );
+    let limits = card
+        .spending_controls
+        .spending_limits
+        .clone()
+        .expect("limits");
     assert_eq!(limits.len(), 1);
     assert_eq!(limits[0].amount, 5000);
     assert_eq!(limits[0].interval.as_str(), "all_time");
-    let allowed = card.spending_controls.allowed_categories.clone().expect("allowed");
+    let allowed = card
+        .spending_controls
+        .allowed_categories
+        .clone()
+        .expect("allowed");
     assert_eq!(allowed.len(), 1);
     assert_eq!(allowed[0].as_str(), "computer_software_stores");
     assert_eq!(
@@ -217,9 +237,26 @@ async fn card_lifecycle_with_async_stripe() {
         .spending_controls(controls)
         .send(&client)
         .await;
-    // async-stripe drops empty vectors from the form, so the blocked list stays set
-    // and the emulator refuses both lists at once, as Stripe does.
-    let (err, status) = stripe_error(updated.expect_err("both country lists"));
+    // an empty list is sent as `…[blocked_merchant_countries]=`, which unsets it
+    let updated = updated.expect("update controls");
+    assert_eq!(updated.spending_controls.blocked_merchant_countries, None);
+    assert_eq!(
+        updated
+            .spending_controls
+            .allowed_merchant_countries
+            .as_deref(),
+        Some(&["US".to_owned()][..])
+    );
+    // setting the other list while one is set is refused, as Stripe does
+    let mut controls = UpdateIssuingCardSpendingControls::new();
+    controls.blocked_merchant_countries = Some(vec!["RU".to_owned()]);
+    let (err, status) = stripe_error(
+        UpdateIssuingCard::new(card.id.clone())
+            .spending_controls(controls)
+            .send(&client)
+            .await
+            .expect_err("both country lists"),
+    );
     assert_eq!(status, 400);
     assert_eq!(err.type_, ApiErrorsType::InvalidRequestError);
     assert!(err.message.unwrap_or_default().contains("only specify one"));
@@ -248,7 +285,10 @@ async fn card_lifecycle_with_async_stripe() {
     assert_eq!(err.param.as_deref(), Some("status"));
 
     // list: newest first, never with numbers
-    let second = virtual_card(&holder).send(&client).await.expect("second card");
+    let second = virtual_card(&holder)
+        .send(&client)
+        .await
+        .expect("second card");
     let listed = ListIssuingCard::new()
         .cardholder(holder.id.as_str())
         .send(&client)
@@ -258,7 +298,12 @@ async fn card_lifecycle_with_async_stripe() {
     assert!(!listed.has_more);
     let ids: Vec<&str> = listed.data.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, vec![second.id.as_str(), card.id.as_str()]);
-    assert!(listed.data.iter().all(|c| c.number.is_none() && c.cvc.is_none()));
+    assert!(
+        listed
+            .data
+            .iter()
+            .all(|c| c.number.is_none() && c.cvc.is_none())
+    );
     let canceled_only = ListIssuingCard::new()
         .status(IssuingCardStatus::Canceled)
         .send(&client)
@@ -456,7 +501,10 @@ async fn concurrent_same_key_gets_409() {
         Some(json!({"latency_ms": 300})),
     )
     .await;
-    let body = format!("cardholder={}&currency=usd&type=virtual", holder.id.as_str());
+    let body = format!(
+        "cardholder={}&currency=usd&type=virtual",
+        holder.id.as_str()
+    );
     let post = || {
         emu.http
             .post(format!("{}/v1/issuing/cards", emu.base))
@@ -497,7 +545,10 @@ async fn injected_faults_then_success() {
     assert_eq!(status, 429);
     assert_eq!(err.code, Some(ApiErrorsCode::RateLimit));
     assert_eq!(err.type_, ApiErrorsType::InvalidRequestError);
-    virtual_card(&holder).send(&client).await.expect("then success");
+    virtual_card(&holder)
+        .send(&client)
+        .await
+        .expect("then success");
 
     // async-stripe's own retry (same idempotency key) gets through two 500s
     emu.fail_next(500, "POST", "/v1/issuing/cards", 2).await;
@@ -560,8 +611,9 @@ async fn errors_parse_as_stripe_errors() {
     );
 
     let mut both = CreateIssuingCardSpendingControls::new();
-    both.allowed_categories =
-        Some(vec![CreateIssuingCardSpendingControlsAllowedCategories::Bakeries]);
+    both.allowed_categories = Some(vec![
+        CreateIssuingCardSpendingControlsAllowedCategories::Bakeries,
+    ]);
     both.blocked_categories = Some(vec![
         stripe_issuing::issuing_card::CreateIssuingCardSpendingControlsBlockedCategories::Florists,
     ]);
@@ -635,8 +687,14 @@ async fn raw_form_encodings_and_basic_auth() {
     let resp = form(&body).await.expect("create");
     assert_eq!(resp.status(), 200);
     let card: Value = resp.json().await.expect("json");
-    assert_eq!(card["spending_controls"]["spending_limits"][0]["amount"], 100);
-    assert_eq!(card["spending_controls"]["blocked_merchant_countries"], json!(["RU"]));
+    assert_eq!(
+        card["spending_controls"]["spending_limits"][0]["amount"],
+        100
+    );
+    assert_eq!(
+        card["spending_controls"]["blocked_merchant_countries"],
+        json!(["RU"])
+    );
     assert_eq!(card["metadata"]["note"], "a b&c");
     assert!(card.get("number").is_none());
     let id = card["id"].as_str().expect("id");
@@ -659,7 +717,10 @@ async fn raw_form_encodings_and_basic_auth() {
     }
     let list: Value = emu
         .http
-        .get(format!("{}/v1/issuing/cards?expand[]=data.cardholder", emu.base))
+        .get(format!(
+            "{}/v1/issuing/cards?expand[]=data.cardholder",
+            emu.base
+        ))
         .bearer_auth("sk_test_123")
         .send()
         .await
@@ -670,7 +731,9 @@ async fn raw_form_encodings_and_basic_auth() {
     assert_eq!(list["object"], "list");
     assert!(list["data"][0].get("number").is_none());
 
-    let resp = form("currency=usd&type=virtual&bogus=1").await.expect("unknown param");
+    let resp = form("currency=usd&type=virtual&bogus=1")
+        .await
+        .expect("unknown param");
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.expect("json");
     assert_eq!(err["error"]["code"], "parameter_unknown");

@@ -74,7 +74,11 @@ pub struct PurchaseRequest {
     pub currency: String,
     pub merchant: MerchantInput,
     /// What is being bought and why, in a sentence.
-    #[schema(max_length = 1000, min_length = 1, example = "Register roony-demo.dev for one year")]
+    #[schema(
+        max_length = 1000,
+        min_length = 1,
+        example = "Register roony-demo.dev for one year"
+    )]
     pub description: String,
     /// Optional breakdown; when given, it must add up to `amount`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -150,7 +154,11 @@ fn invalid(code: &'static str, field: &'static str, message: impl Into<String>) 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<String, ValidationError> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
-        return Err(invalid("missing_field", field, format!("{field} must not be empty")));
+        return Err(invalid(
+            "missing_field",
+            field,
+            format!("{field} must not be empty"),
+        ));
     }
     if trimmed.chars().count() > max {
         return Err(invalid(
@@ -159,7 +167,10 @@ fn check_text(field: &'static str, value: &str, max: usize) -> Result<String, Va
             format!("{field} is longer than {max} characters"),
         ));
     }
-    if trimmed.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if trimmed
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(invalid(
             "invalid_characters",
             field,
@@ -211,7 +222,8 @@ impl PurchaseRequest {
         let mut line_items = Vec::with_capacity(self.line_items.len());
         let mut total: i64 = 0;
         for item in &self.line_items {
-            let description = check_text("line_items.description", &item.description, MAX_NAME_LEN)?;
+            let description =
+                check_text("line_items.description", &item.description, MAX_NAME_LEN)?;
             if item.quantity == 0 || item.quantity > 10_000 {
                 return Err(invalid(
                     "invalid_quantity",
@@ -291,7 +303,10 @@ impl MerchantInput {
             ));
         }
         let mut domain = None;
-        for (field, value) in [("merchant.url", &self.url), ("merchant.domain", &self.domain)] {
+        for (field, value) in [
+            ("merchant.url", &self.url),
+            ("merchant.domain", &self.domain),
+        ] {
             if let Some(v) = value {
                 if v.len() > MAX_URL_LEN {
                     return Err(invalid(
@@ -335,7 +350,11 @@ impl MerchantInput {
                     .then(|| m.parse::<u16>().ok())
                     .flatten()
                     .ok_or_else(|| {
-                        invalid("invalid_mcc", "merchant.mcc", "merchant.mcc must be four digits")
+                        invalid(
+                            "invalid_mcc",
+                            "merchant.mcc",
+                            "merchant.mcc must be four digits",
+                        )
                     })?;
                 Some(parsed)
             }

@@ -25,10 +25,7 @@ const COUNTRIES: &[&str] = &[
 /// Returns the upper-case alpha-2 code if `code` is an assigned ISO 3166-1 country.
 pub fn normalize_country(code: &str) -> Option<String> {
     let upper = code.trim().to_ascii_uppercase();
-    COUNTRIES
-        .binary_search(&upper.as_str())
-        .ok()
-        .map(|_| upper)
+    COUNTRIES.binary_search(&upper.as_str()).ok().map(|_| upper)
 }
 
 /// Extracts and normalizes the host of a URL or bare domain: lower case, no scheme, port,
@@ -58,7 +55,9 @@ pub fn normalize_domain(input: &str) -> Option<String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     valid.then_some(host)
 }
@@ -74,8 +73,21 @@ pub fn domain_matches(host: &str, rule: &str) -> bool {
 
 /// Legal-form suffixes dropped from merchant names before comparison.
 const NAME_SUFFIXES: &[&str] = &[
-    "inc", "llc", "ltd", "limited", "corp", "corporation", "co", "gmbh", "sa", "sas", "bv",
-    "plc", "pty", "ag", "srl",
+    "inc",
+    "llc",
+    "ltd",
+    "limited",
+    "corp",
+    "corporation",
+    "co",
+    "gmbh",
+    "sa",
+    "sas",
+    "bv",
+    "plc",
+    "pty",
+    "ag",
+    "srl",
 ];
 
 /// Normalizes a merchant name for comparison: lower case, punctuation to spaces, runs of
@@ -119,8 +131,14 @@ mod tests {
             normalize_domain("https://www.Namecheap.com:443/checkout?x=1").as_deref(),
             Some("namecheap.com")
         );
-        assert_eq!(normalize_domain("shop.example.com.").as_deref(), Some("shop.example.com"));
-        assert_eq!(normalize_domain("http://user:pw@evil.com/").as_deref(), Some("evil.com"));
+        assert_eq!(
+            normalize_domain("shop.example.com.").as_deref(),
+            Some("shop.example.com")
+        );
+        assert_eq!(
+            normalize_domain("http://user:pw@evil.com/").as_deref(),
+            Some("evil.com")
+        );
         assert_eq!(normalize_domain("localhost"), None);
         assert_eq!(normalize_domain("exa mple.com"), None);
         assert_eq!(normalize_domain(""), None);

@@ -166,7 +166,10 @@ mod tests {
     fn parses_any_case_and_rejects_unknown() {
         assert_eq!(Currency::parse("usd").unwrap(), Currency::USD);
         assert_eq!(Currency::parse("UsD").unwrap().code(), "USD");
-        assert_eq!(Currency::parse("XYZ"), Err(CurrencyError::Unknown("XYZ".into())));
+        assert_eq!(
+            Currency::parse("XYZ"),
+            Err(CurrencyError::Unknown("XYZ".into()))
+        );
         assert_eq!(Currency::parse("US"), Err(CurrencyError::Malformed));
         assert_eq!(Currency::parse("U$D"), Err(CurrencyError::Malformed));
         assert_eq!(Currency::parse("ÜSD"), Err(CurrencyError::Malformed));

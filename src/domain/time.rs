@@ -21,7 +21,12 @@ pub enum Period {
 }
 
 impl Period {
-    pub const ALL: [Period; 4] = [Period::Daily, Period::Weekly, Period::Monthly, Period::AllTime];
+    pub const ALL: [Period; 4] = [
+        Period::Daily,
+        Period::Weekly,
+        Period::Monthly,
+        Period::AllTime,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -130,15 +135,36 @@ mod tests {
 
     #[test]
     fn calendar_buckets_in_utc() {
-        assert_eq!(rfc3339(Period::Daily.bucket_start(T)), "2026-11-22T00:00:00Z");
-        assert_eq!(rfc3339(Period::Weekly.bucket_start(T)), "2026-11-16T00:00:00Z");
-        assert_eq!(rfc3339(Period::Monthly.bucket_start(T)), "2026-11-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Period::Daily.bucket_start(T)),
+            "2026-11-22T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Period::Weekly.bucket_start(T)),
+            "2026-11-16T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Period::Monthly.bucket_start(T)),
+            "2026-11-01T00:00:00Z"
+        );
         assert_eq!(Period::AllTime.bucket_start(T), 0);
-        assert_eq!(rfc3339(Period::Daily.resets_at(T).unwrap()), "2026-11-23T00:00:00Z");
-        assert_eq!(rfc3339(Period::Weekly.resets_at(T).unwrap()), "2026-11-23T00:00:00Z");
-        assert_eq!(rfc3339(Period::Monthly.resets_at(T).unwrap()), "2026-12-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Period::Daily.resets_at(T).unwrap()),
+            "2026-11-23T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Period::Weekly.resets_at(T).unwrap()),
+            "2026-11-23T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Period::Monthly.resets_at(T).unwrap()),
+            "2026-12-01T00:00:00Z"
+        );
         let dec = days_from_civil(2026, 12, 31) * DAY + 5;
-        assert_eq!(rfc3339(Period::Monthly.resets_at(dec).unwrap()), "2027-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Period::Monthly.resets_at(dec).unwrap()),
+            "2027-01-01T00:00:00Z"
+        );
         // A Monday is the start of its own week.
         let monday = days_from_civil(2026, 11, 16) * DAY;
         assert_eq!(Period::Weekly.bucket_start(monday), monday);

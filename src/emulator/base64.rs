@@ -35,7 +35,10 @@ mod tests {
 
     #[test]
     fn decodes() {
-        assert_eq!(decode("c2tfdGVzdF8xMjM6").as_deref(), Some(&b"sk_test_123:"[..]));
+        assert_eq!(
+            decode("c2tfdGVzdF8xMjM6").as_deref(),
+            Some(&b"sk_test_123:"[..])
+        );
         assert_eq!(decode("YQ==").as_deref(), Some(&b"a"[..]));
         assert_eq!(decode("YWI").as_deref(), Some(&b"ab"[..]));
         assert_eq!(decode("").as_deref(), Some(&b""[..]));

@@ -51,7 +51,12 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request) -> Response {
             };
             let doc: FaultsDoc = match serde_json::from_slice(&bytes) {
                 Ok(doc) => doc,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid fault document: {e}")),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid fault document: {e}"),
+                    );
+                }
             };
             match FaultState::from_doc(doc) {
                 Ok(faults) => {
@@ -79,7 +84,10 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request) -> Response {
             Some((_, allow)) => {
                 let mut r = error(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    format!("method {} not allowed on {path}; allowed: {allow}", parts.method),
+                    format!(
+                        "method {} not allowed on {path}; allowed: {allow}",
+                        parts.method
+                    ),
                 );
                 r.headers_mut()
                     .insert(http::header::ALLOW, HeaderValue::from_static(allow));

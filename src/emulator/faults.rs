@@ -151,7 +151,11 @@ impl FaultState {
 }
 
 fn sanitize_rate(r: f64) -> f64 {
-    if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 }
+    if r.is_finite() {
+        r.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
 }
 
 /// The error Stripe sends for `status`.
@@ -231,7 +235,10 @@ mod tests {
         );
         let bad: FaultsDoc =
             serde_json::from_str(r#"{"fail_next":[{"status":200}]}"#).expect("parses");
-        assert_eq!(FaultState::from_doc(bad).err(), Some(FaultsError::Status(0)));
+        assert_eq!(
+            FaultState::from_doc(bad).err(),
+            Some(FaultsError::Status(0))
+        );
         assert!(serde_json::from_str::<FaultsDoc>(r#"{"rate_4299": 1}"#).is_err());
         let cfg = FaultConfig {
             rate_429: f64::NAN,

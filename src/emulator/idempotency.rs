@@ -127,7 +127,14 @@ impl IdempotencyStore {
     }
 
     /// Save the response of a reserved key.
-    pub fn complete(&mut self, account: &AccountKey, key: &str, token: u64, saved: Saved, now: i64) {
+    pub fn complete(
+        &mut self,
+        account: &AccountKey,
+        key: &str,
+        token: u64,
+        saved: Saved,
+        now: i64,
+    ) {
         let slot = (account.clone(), key.to_owned());
         if let Some(Entry::InFlight {
             token: t, request, ..
@@ -244,7 +251,12 @@ mod tests {
             other => panic!("expected replay, got {other:?}"),
         }
         // different parameters
-        match store.begin(&P, "k1", fp("/v1/issuing/cards", json!({"currency": "eur"})), 103) {
+        match store.begin(
+            &P,
+            "k1",
+            fp("/v1/issuing/cards", json!({"currency": "eur"})),
+            103,
+        ) {
             Begin::Refused(e) => {
                 assert_eq!(e.status, StatusCode::BAD_REQUEST);
                 assert_eq!(e.kind, ErrorType::IdempotencyError);
@@ -254,13 +266,21 @@ mod tests {
             other => panic!("expected mismatch, got {other:?}"),
         }
         // different endpoint
-        match store.begin(&P, "k1", fp("/v1/issuing/cardholders", json!({"currency": "usd"})), 103) {
+        match store.begin(
+            &P,
+            "k1",
+            fp("/v1/issuing/cardholders", json!({"currency": "usd"})),
+            103,
+        ) {
             Begin::Refused(e) => assert!(e.message.contains("same endpoint")),
             other => panic!("expected endpoint mismatch, got {other:?}"),
         }
         // keys are per account
         let acct = AccountKey::Connected("acct_1".into());
-        assert!(matches!(store.begin(&acct, "k1", a.clone(), 104), Begin::Reserved(_)));
+        assert!(matches!(
+            store.begin(&acct, "k1", a.clone(), 104),
+            Begin::Reserved(_)
+        ));
     }
 
     #[test]
@@ -279,7 +299,13 @@ mod tests {
         store.release(&P, "k", t1);
         assert_eq!(store.len(), 1);
         store.complete(&P, "k", t2, saved("{}"), 10);
-        assert!(matches!(store.begin(&P, "k", a.clone(), 10 + TTL_SECS - 1), Begin::Replay(_)));
-        assert!(matches!(store.begin(&P, "k", a, 10 + TTL_SECS), Begin::Reserved(_)));
+        assert!(matches!(
+            store.begin(&P, "k", a.clone(), 10 + TTL_SECS - 1),
+            Begin::Replay(_)
+        ));
+        assert!(matches!(
+            store.begin(&P, "k", a, 10 + TTL_SECS),
+            Begin::Reserved(_)
+        ));
     }
 }

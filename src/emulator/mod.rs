@@ -113,7 +113,10 @@ impl Emulator {
     }
 }
 
-async fn handle(axum::extract::State(inner): axum::extract::State<Arc<Inner>>, req: Request) -> Response {
+async fn handle(
+    axum::extract::State(inner): axum::extract::State<Arc<Inner>>,
+    req: Request,
+) -> Response {
     let request_id = ids::request_id();
     let path = req.uri().path();
     let mut response = if path == "/_emulator" || path.starts_with("/_emulator/") {
@@ -234,10 +237,14 @@ async fn api(inner: &Arc<Inner>, req: Request, request_id: &str) -> Response {
 
     let mut response = json_response(status, body);
     let h = response.headers_mut();
-    if let Some(key) = idempotency_key.as_deref().and_then(|k| HeaderValue::from_str(k).ok()) {
+    if let Some(key) = idempotency_key
+        .as_deref()
+        .and_then(|k| HeaderValue::from_str(k).ok())
+    {
         h.insert("idempotency-key", key);
     }
-    if let Some(v) = header(&headers, "stripe-version").and_then(|v| HeaderValue::from_str(v).ok()) {
+    if let Some(v) = header(&headers, "stripe-version").and_then(|v| HeaderValue::from_str(v).ok())
+    {
         h.insert("stripe-version", v);
     }
     if let Some(original) = replay_of.and_then(|r| HeaderValue::from_str(&r).ok()) {
@@ -278,22 +285,26 @@ async fn prepare(
                 "The request body could not be read or is larger than {MAX_BODY_BYTES} bytes."
             )))
         })?;
-    let raw = if *method == Method::GET {
-        query.to_owned()
-    } else {
-        String::from_utf8(bytes.to_vec()).map_err(|_| {
+    let parse = |raw: &str| {
+        form::parse(raw).map_err(|e| {
+            let err = ApiError::invalid(format!("Invalid request: {e}."));
+            reject(match e.param() {
+                Some(p) => err.with_param(p),
+                None => err,
+            })
+        })
+    };
+    // Query parameters count on every method; for POST the body's top-level keys
+    // win over the query's (Rack merges them the same way).
+    let mut params = parse(query)?;
+    if *method != Method::GET {
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
             reject(ApiError::invalid(
                 "Invalid request body: expected application/x-www-form-urlencoded UTF-8 text.",
             ))
-        })?
-    };
-    let params = form::parse(&raw).map_err(|e| {
-        let err = ApiError::invalid(format!("Invalid request: {e}."));
-        reject(match e.param() {
-            Some(p) => err.with_param(p),
-            None => err,
-        })
-    })?;
+        })?;
+        params.extend(parse(text)?);
+    }
 
     let reservation = match idempotency_key {
         None => None,
@@ -312,11 +323,10 @@ async fn prepare(
                 path: path.to_owned(),
                 params: form::canonical(&Value::Object(params.clone())),
             };
-            let begun =
-                inner
-                    .lock()
-                    .idempotency
-                    .begin(&account, key, fingerprint, ids::now_unix());
+            let begun = inner
+                .lock()
+                .idempotency
+                .begin(&account, key, fingerprint, ids::now_unix());
             match begun {
                 Begin::Reserved(token) => Some(Reservation {
                     inner: inner.clone(),
@@ -339,7 +349,11 @@ async fn prepare(
     })
 }
 
-fn execute(inner: &Arc<Inner>, ready: Ready, request_id: &str) -> (StatusCode, Bytes, Outcome, Option<String>) {
+fn execute(
+    inner: &Arc<Inner>,
+    ready: Ready,
+    request_id: &str,
+) -> (StatusCode, Bytes, Outcome, Option<String>) {
     let Ready {
         route,
         account,
@@ -360,7 +374,8 @@ fn execute(inner: &Arc<Inner>, ready: Ready, request_id: &str) -> (StatusCode, B
                 body: body.clone(),
                 request_id: request_id.to_owned(),
             };
-            st.idempotency.complete(&account, &r.key, r.token, saved, now);
+            st.idempotency
+                .complete(&account, &r.key, r.token, saved, now);
         } else {
             // Validation failures are not saved: the key stays usable.
             st.idempotency.release(&account, &r.key, r.token);
@@ -403,7 +418,13 @@ fn redact_key(key: &str) -> String {
 
 /// Accept `Bearer sk_test_…`/`rk_test_…` or Basic auth with the key as user name.
 fn authenticate(headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthorized = |msg: String| ApiError::new(StatusCode::UNAUTHORIZED, ErrorType::InvalidRequestError, msg);
+    let unauthorized = |msg: String| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorType::InvalidRequestError,
+            msg,
+        )
+    };
     let Some(raw) = headers.get(AUTHORIZATION) else {
         return Err(unauthorized(
             "Please authenticate by specifying an `Authorization` header with any valid looking testmode secret API key. For example, `Authorization: Bearer sk_test_123`.".into(),
@@ -417,14 +438,19 @@ fn authenticate(headers: &HeaderMap) -> Result<(), ApiError> {
     } else if scheme.eq_ignore_ascii_case("basic") {
         base64::decode(credentials)
             .and_then(|b| String::from_utf8(b).ok())
-            .map(|s| s.split_once(':').map(|(user, _)| user.to_owned()).unwrap_or(s))
+            .map(|s| {
+                s.split_once(':')
+                    .map(|(user, _)| user.to_owned())
+                    .unwrap_or(s)
+            })
             .unwrap_or_default()
     } else {
         String::new()
     };
     let valid = |prefix: &str| {
-        key.strip_prefix(prefix)
-            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        key.strip_prefix(prefix).is_some_and(|rest| {
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
     };
     if valid("sk_test_") || valid("rk_test_") {
         return Ok(());
@@ -455,9 +481,9 @@ fn account_of(headers: &HeaderMap) -> Result<AccountKey, ApiError> {
     if value.is_empty() {
         return Ok(AccountKey::Platform);
     }
-    let well_formed = value
-        .strip_prefix("acct_")
-        .is_some_and(|rest| !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_alphanumeric()));
+    let well_formed = value.strip_prefix("acct_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.chars().all(|c| c.is_ascii_alphanumeric())
+    });
     if well_formed {
         Ok(AccountKey::Connected(value.to_owned()))
     } else {
@@ -494,7 +520,8 @@ mod tests {
         let e = authenticate(&HeaderMap::new()).expect_err("missing");
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         assert!(e.message.contains("sk_test_123"));
-        let e = authenticate(&headers(&[("authorization", "Bearer sk_live_123456")])).expect_err("live");
+        let e = authenticate(&headers(&[("authorization", "Bearer sk_live_123456")]))
+            .expect_err("live");
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         assert!(!e.message.contains("sk_live_123456"));
         assert!(authenticate(&headers(&[("authorization", "Bearer pk_test_1")])).is_err());
@@ -504,7 +531,10 @@ mod tests {
 
     #[test]
     fn account_header() {
-        assert_eq!(account_of(&HeaderMap::new()).ok(), Some(AccountKey::Platform));
+        assert_eq!(
+            account_of(&HeaderMap::new()).ok(),
+            Some(AccountKey::Platform)
+        );
         assert_eq!(
             account_of(&headers(&[("stripe-account", "acct_123")])).ok(),
             Some(AccountKey::Connected("acct_123".into()))

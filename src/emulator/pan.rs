@@ -39,7 +39,10 @@ pub fn luhn_valid(digits: &str) -> bool {
 
 /// The check digit that makes `payload` + digit pass the Luhn check.
 pub fn luhn_check_digit(payload: &str) -> u8 {
-    let sum = luhn_sum(payload.bytes().rev().map(|b| b.wrapping_sub(b'0') % 10), true);
+    let sum = luhn_sum(
+        payload.bytes().rev().map(|b| b.wrapping_sub(b'0') % 10),
+        true,
+    );
     ((10 - sum % 10) % 10) as u8
 }
 

@@ -335,7 +335,9 @@ pub fn apply_metadata(
 
 /// A set, non-empty string parameter.
 pub fn str_of<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    map.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+    map.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 /// A required string parameter; `path` names it in the error.
@@ -402,7 +404,8 @@ pub fn check_expand(expand: &[String], allowed: &[&str]) -> Result<(), ApiError>
     for e in expand {
         if !allowed.contains(&e.as_str()) {
             return Err(
-                ApiError::invalid(format!("This property cannot be expanded ({e}).")).with_param("expand"),
+                ApiError::invalid(format!("This property cannot be expanded ({e})."))
+                    .with_param("expand"),
             );
         }
     }
@@ -417,7 +420,8 @@ pub fn check_list_expand(expand: &[String], allowed: &[&str]) -> Result<(), ApiE
             .is_some_and(|rest| allowed.contains(&rest))
         {
             return Err(
-                ApiError::invalid(format!("This property cannot be expanded ({e}).")).with_param("expand"),
+                ApiError::invalid(format!("This property cannot be expanded ({e})."))
+                    .with_param("expand"),
             );
         }
     }
@@ -481,7 +485,10 @@ mod tests {
 
         let mut m = parse("type=plastic");
         let e = validate(&mut m, CREATE).expect_err("enum");
-        assert_eq!(e.message, "Invalid type: must be one of physical or virtual");
+        assert_eq!(
+            e.message,
+            "Invalid type: must be one of physical or virtual"
+        );
 
         let mut m = parse("spending_controls[allowed_categories][]=taxis");
         let e = validate(&mut m, CREATE).expect_err("category");

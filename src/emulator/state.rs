@@ -155,7 +155,10 @@ impl Stats {
             self.unmatched += 1;
             return;
         };
-        let entry = self.routes.entry(format!("{method} {template}")).or_default();
+        let entry = self
+            .routes
+            .entry(format!("{method} {template}"))
+            .or_default();
         entry.received += 1;
         match outcome {
             Outcome::Executed => entry.executed += 1,

@@ -23,8 +23,7 @@ use stripe_issuing::issuing_card::{
     RetrieveIssuingCard, UpdateIssuingCard,
 };
 use stripe_issuing::issuing_cardholder::{
-    BillingSpecs, CreateIssuingCardholder, IndividualParam,
-    RequiredAddress,
+    BillingSpecs, CreateIssuingCardholder, IndividualParam, RequiredAddress,
 };
 use stripe_shared::{IssuingCard, IssuingCardStatus, IssuingCardType, IssuingCardholderType};
 
@@ -202,7 +201,9 @@ pub struct Issuer {
 
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issuer").field("config", &self.config).finish()
+        f.debug_struct("Issuer")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -228,7 +229,12 @@ impl Issuer {
 
     /// Runs `call` with retries. `key` is the idempotency key for mutating calls; it is the
     /// same on every attempt so Stripe executes the request at most once.
-    async fn with_retries<T, F, Fut>(&self, what: &str, key: Option<&str>, call: F) -> Result<T, IssuerError>
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: &str,
+        key: Option<&str>,
+        call: F,
+    ) -> Result<T, IssuerError>
     where
         F: Fn(RequestStrategy) -> Fut,
         Fut: std::future::Future<Output = Result<T, StripeError>>,
@@ -305,10 +311,11 @@ impl Issuer {
     /// Creates an active virtual card for one intent and retrieves its number and CVC.
     pub async fn create_card(&self, spec: &CardSpec) -> Result<IssuedCard, IssuerError> {
         let mut controls = CreateIssuingCardSpendingControls::new();
-        controls.spending_limits = Some(vec![CreateIssuingCardSpendingControlsSpendingLimits::new(
-            spec.spending_limit,
-            CreateIssuingCardSpendingControlsSpendingLimitsInterval::AllTime,
-        )]);
+        controls.spending_limits =
+            Some(vec![CreateIssuingCardSpendingControlsSpendingLimits::new(
+                spec.spending_limit,
+                CreateIssuingCardSpendingControlsSpendingLimitsInterval::AllTime,
+            )]);
         if !spec.allowed_categories.is_empty() {
             controls.allowed_categories = Some(
                 spec.allowed_categories
@@ -360,7 +367,11 @@ impl Issuer {
     }
 
     /// Retrieves a card; with `secrets`, expands its number and CVC.
-    pub async fn retrieve_card(&self, card_id: &str, secrets: bool) -> Result<IssuedCard, IssuerError> {
+    pub async fn retrieve_card(
+        &self,
+        card_id: &str,
+        secrets: bool,
+    ) -> Result<IssuedCard, IssuerError> {
         let expand: Vec<String> = if secrets {
             vec!["number".into(), "cvc".into()]
         } else {
@@ -452,7 +463,11 @@ pub fn cardholder_name(agent_name: &str) -> String {
     let mut name = letters.split_whitespace().collect::<Vec<_>>().join(" ");
     name.truncate(24);
     let name = name.trim().to_string();
-    if name.is_empty() { "Agent".to_string() } else { name }
+    if name.is_empty() {
+        "Agent".to_string()
+    } else {
+        name
+    }
 }
 
 #[cfg(test)]
@@ -463,7 +478,10 @@ mod tests {
     fn cardholder_names_follow_stripe_rules() {
         assert_eq!(cardholder_name("demo-agent 2"), "demo agent");
         assert_eq!(cardholder_name("123"), "Agent");
-        assert_eq!(cardholder_name("A very long agent name that goes on"), "A very long agent name t");
+        assert_eq!(
+            cardholder_name("A very long agent name that goes on"),
+            "A very long agent name t"
+        );
     }
 
     #[test]

@@ -212,7 +212,8 @@ fn merchant_reasons(policy: &CompiledPolicy, intent: &PurchaseIntent, reasons: &
     let m = &intent.merchant;
     let rules = &policy.merchants;
     let domain = m.domain.as_deref();
-    let denied_domain = domain.and_then(|d| rules.deny_domains.iter().find(|r| domain_matches(d, r)));
+    let denied_domain =
+        domain.and_then(|d| rules.deny_domains.iter().find(|r| domain_matches(d, r)));
     let denied_name = rules.deny_names.iter().find(|n| **n == m.normalized_name);
     if let Some(rule) = denied_domain {
         reasons.push(Reason::new(
@@ -229,7 +230,7 @@ fn merchant_reasons(policy: &CompiledPolicy, intent: &PurchaseIntent, reasons: &
     if has_allow {
         let allowed_by_domain =
             domain.is_some_and(|d| rules.allow_domains.iter().any(|r| domain_matches(d, r)));
-        let allowed_by_name = rules.allow_names.iter().any(|n| *n == m.normalized_name);
+        let allowed_by_name = rules.allow_names.contains(&m.normalized_name);
         if !allowed_by_domain && !allowed_by_name {
             let mut list: Vec<&str> = rules.allow_domains.iter().map(String::as_str).collect();
             list.extend(rules.allow_names.iter().map(String::as_str));

@@ -173,17 +173,26 @@ impl Policy {
         if let Some(v) = self.max_per_transaction
             && !amount_ok(v)
         {
-            err("max_per_transaction".into(), "must be a positive amount in minor units");
+            err(
+                "max_per_transaction".into(),
+                "must be a positive amount in minor units",
+            );
         }
         if let Some(v) = self.require_approval_above
             && !(0..=MAX_AMOUNT_MINOR * 1000).contains(&v)
         {
-            err("require_approval_above".into(), "must be zero or a positive amount in minor units");
+            err(
+                "require_approval_above".into(),
+                "must be zero or a positive amount in minor units",
+            );
         }
         let mut seen_periods = Vec::new();
         for (i, b) in self.budgets.iter().enumerate() {
             if !amount_ok(b.limit) {
-                err(format!("budgets[{i}].limit"), "must be a positive amount in minor units");
+                err(
+                    format!("budgets[{i}].limit"),
+                    "must be a positive amount in minor units",
+                );
             }
             if seen_periods.contains(&b.period) {
                 err(format!("budgets[{i}].period"), "only one budget per period");
@@ -195,33 +204,43 @@ impl Policy {
                 err(format!("velocity[{i}].max_intents"), "must be at least 1");
             }
             if v.window_seconds == 0 || v.window_seconds > 31 * 86_400 {
-                err(format!("velocity[{i}].window_seconds"), "must be between 1 and 2678400 (31 days)");
+                err(
+                    format!("velocity[{i}].window_seconds"),
+                    "must be between 1 and 2678400 (31 days)",
+                );
             }
         }
         if !(60..=7 * 86_400).contains(&self.card_ttl_seconds) {
-            err("card_ttl_seconds".into(), "must be between 60 and 604800 (7 days)");
+            err(
+                "card_ttl_seconds".into(),
+                "must be between 60 and 604800 (7 days)",
+            );
         }
         if !(60..=30 * 86_400).contains(&self.approval_ttl_seconds) {
-            err("approval_ttl_seconds".into(), "must be between 60 and 2592000 (30 days)");
+            err(
+                "approval_ttl_seconds".into(),
+                "must be between 60 and 2592000 (30 days)",
+            );
         }
         if self.card_buffer_bps > 2_000 {
             err("card_buffer_bps".into(), "must be at most 2000 (20%)");
         }
 
-        let mut list = |field: &str, items: &[String], norm: &dyn Fn(&str) -> Option<String>, what: &str| {
-            if items.len() > MAX_LIST_LEN {
-                err(field.to_string(), "too many entries (at most 1000)");
-            }
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                match norm(item) {
-                    Some(n) if !out.contains(&n) => out.push(n),
-                    Some(_) => {}
-                    None => err(format!("{field}[{i}]"), what),
+        let mut list =
+            |field: &str, items: &[String], norm: &dyn Fn(&str) -> Option<String>, what: &str| {
+                if items.len() > MAX_LIST_LEN {
+                    err(field.to_string(), "too many entries (at most 1000)");
                 }
-            }
-            out
-        };
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match norm(item) {
+                        Some(n) if !out.contains(&n) => out.push(n),
+                        Some(_) => {}
+                        None => err(format!("{field}[{i}]"), what),
+                    }
+                }
+                out
+            };
         let domain = |s: &str| normalize_domain(s);
         let name = |s: &str| Some(normalize_name(s)).filter(|n| !n.is_empty());
         let category = |s: &str| {
@@ -230,24 +249,70 @@ impl Policy {
         };
         let country = |s: &str| normalize_country(s);
         let merchants = MerchantRules {
-            allow_domains: list("merchants.allow_domains", &self.merchants.allow_domains, &domain, "not a valid domain"),
-            deny_domains: list("merchants.deny_domains", &self.merchants.deny_domains, &domain, "not a valid domain"),
-            allow_names: list("merchants.allow_names", &self.merchants.allow_names, &name, "merchant name must contain letters or digits"),
-            deny_names: list("merchants.deny_names", &self.merchants.deny_names, &name, "merchant name must contain letters or digits"),
+            allow_domains: list(
+                "merchants.allow_domains",
+                &self.merchants.allow_domains,
+                &domain,
+                "not a valid domain",
+            ),
+            deny_domains: list(
+                "merchants.deny_domains",
+                &self.merchants.deny_domains,
+                &domain,
+                "not a valid domain",
+            ),
+            allow_names: list(
+                "merchants.allow_names",
+                &self.merchants.allow_names,
+                &name,
+                "merchant name must contain letters or digits",
+            ),
+            deny_names: list(
+                "merchants.deny_names",
+                &self.merchants.deny_names,
+                &name,
+                "merchant name must contain letters or digits",
+            ),
         };
         let categories = ListRule {
-            allow: list("categories.allow", &self.categories.allow, &category, "not a Stripe merchant category"),
-            deny: list("categories.deny", &self.categories.deny, &category, "not a Stripe merchant category"),
+            allow: list(
+                "categories.allow",
+                &self.categories.allow,
+                &category,
+                "not a Stripe merchant category",
+            ),
+            deny: list(
+                "categories.deny",
+                &self.categories.deny,
+                &category,
+                "not a Stripe merchant category",
+            ),
         };
         let countries = ListRule {
-            allow: list("countries.allow", &self.countries.allow, &country, "not an ISO 3166-1 alpha-2 country code"),
-            deny: list("countries.deny", &self.countries.deny, &country, "not an ISO 3166-1 alpha-2 country code"),
+            allow: list(
+                "countries.allow",
+                &self.countries.allow,
+                &country,
+                "not an ISO 3166-1 alpha-2 country code",
+            ),
+            deny: list(
+                "countries.deny",
+                &self.countries.deny,
+                &country,
+                "not an ISO 3166-1 alpha-2 country code",
+            ),
         };
         if !categories.allow.is_empty() && !categories.deny.is_empty() {
-            err("categories".into(), "use either allow or deny, not both (Stripe's card controls are exclusive)");
+            err(
+                "categories".into(),
+                "use either allow or deny, not both (Stripe's card controls are exclusive)",
+            );
         }
         if !countries.allow.is_empty() && !countries.deny.is_empty() {
-            err("countries".into(), "use either allow or deny, not both (Stripe's card controls are exclusive)");
+            err(
+                "countries".into(),
+                "use either allow or deny, not both (Stripe's card controls are exclusive)",
+            );
         }
         if !errors.is_empty() {
             return Err(errors);

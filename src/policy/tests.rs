@@ -63,24 +63,49 @@ fn declines_with_every_matching_reason() {
     let p = demo_policy().compile().unwrap();
     let mut r = request(12_000);
     r.merchant.category = Some("betting_casino_gambling".into());
-    let d = evaluate(&p, &r.validate(None).unwrap(), &usage(20_000), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &r.validate(None).unwrap(),
+        &usage(20_000),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Declined);
     assert_eq!(
         codes(&d),
-        ["exceeds_transaction_limit", "exceeds_budget", "category_not_allowed"]
+        [
+            "exceeds_transaction_limit",
+            "exceeds_budget",
+            "category_not_allowed"
+        ]
     );
     assert_eq!(d.reserve, 0);
     let budget_msg = &d.reasons[1].message;
     assert!(budget_msg.contains("USD 50.00 left"), "{budget_msg}");
-    assert!(budget_msg.contains("resets at 2026-11-23T00:00:00Z"), "{budget_msg}");
+    assert!(
+        budget_msg.contains("resets at 2026-11-23T00:00:00Z"),
+        "{budget_msg}"
+    );
 }
 
 #[test]
 fn budget_boundary_is_inclusive() {
     let p = demo_policy().compile().unwrap();
-    let ok = evaluate(&p, &intent(5_000), &usage(20_000), AgentState::default(), NOW);
+    let ok = evaluate(
+        &p,
+        &intent(5_000),
+        &usage(20_000),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(ok.outcome, Outcome::Approved);
-    let no = evaluate(&p, &intent(5_001), &usage(20_000), AgentState::default(), NOW);
+    let no = evaluate(
+        &p,
+        &intent(5_001),
+        &usage(20_000),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(codes(&no), ["exceeds_budget"]);
 }
 
@@ -91,10 +116,22 @@ fn buffer_shrinks_to_fit_budget() {
     let p = policy.compile().unwrap();
     let d = evaluate(&p, &intent(1_000), &usage(0), AgentState::default(), NOW);
     assert_eq!(d.reserve, 1_100);
-    let d = evaluate(&p, &intent(1_000), &usage(23_950), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &intent(1_000),
+        &usage(23_950),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Approved);
     assert_eq!(d.reserve, 1_050, "buffer shrinks to the 50 left");
-    let d = evaluate(&p, &intent(1_000), &usage(24_000), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &intent(1_000),
+        &usage(24_000),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(d.reserve, 1_000);
 }
 
@@ -108,7 +145,13 @@ fn approval_threshold_gives_pending_and_reserves() {
     assert_eq!(codes(&d), ["approval_required"]);
     assert_eq!(d.reserve, 8_000);
     // A decline beats the threshold.
-    let d = evaluate(&p, &intent(8_000), &usage(20_000), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &intent(8_000),
+        &usage(20_000),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Declined);
 }
 
@@ -123,7 +166,13 @@ fn merchant_rules_by_domain_and_name() {
     );
     let mut r = request(100);
     r.merchant.url = Some("https://namecheap.com.evil.io/pay".into());
-    let d = evaluate(&p, &r.validate(None).unwrap(), &usage(0), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &r.validate(None).unwrap(),
+        &usage(0),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(codes(&d), ["merchant_not_allowed"]);
 
     let mut policy = demo_policy();
@@ -152,7 +201,13 @@ fn category_and_country_allow_lists_deny_unknowns() {
     let mut r = request(100);
     r.merchant.category = None;
     r.merchant.country = Some("FR".into());
-    let d = evaluate(&p, &r.validate(None).unwrap(), &usage(0), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &r.validate(None).unwrap(),
+        &usage(0),
+        AgentState::default(),
+        NOW,
+    );
     assert_eq!(codes(&d), ["category_not_allowed", "country_not_allowed"]);
 }
 
@@ -177,7 +232,13 @@ fn velocity_frozen_and_currency() {
     );
     // Missing history declines rather than approving.
     assert_eq!(
-        codes(&evaluate(&p, &intent(100), &usage(0), AgentState::default(), NOW)),
+        codes(&evaluate(
+            &p,
+            &intent(100),
+            &usage(0),
+            AgentState::default(),
+            NOW
+        )),
         ["internal_error"]
     );
     let d = evaluate(&p, &intent(100), &u, AgentState { frozen: true }, NOW);
@@ -185,7 +246,13 @@ fn velocity_frozen_and_currency() {
 
     let mut r = request(100);
     r.currency = "eur".into();
-    let d = evaluate(&p, &r.validate(None).unwrap(), &usage(0), AgentState::default(), NOW);
+    let d = evaluate(
+        &p,
+        &r.validate(None).unwrap(),
+        &usage(0),
+        AgentState::default(),
+        NOW,
+    );
     assert!(codes(&d).contains(&"currency_not_allowed"));
 }
 
@@ -220,7 +287,13 @@ fn matches_reference_model_on_a_grid() {
     let p = demo_policy().compile().unwrap();
     for amount in [1, 99, 5_000, 9_999, 10_000, 10_001, 25_000, 25_001] {
         for used in [0, 1, 15_000, 24_999, 25_000, 30_000] {
-            let d = evaluate(&p, &intent(amount), &usage(used), AgentState::default(), NOW);
+            let d = evaluate(
+                &p,
+                &intent(amount),
+                &usage(used),
+                AgentState::default(),
+                NOW,
+            );
             let expect_ok = amount <= 10_000 && amount <= 25_000 - used;
             assert_eq!(
                 d.outcome == Outcome::Approved,

@@ -14,8 +14,8 @@ use crate::domain::time::UnixSeconds;
 use crate::issuer::{BillingAddress, CardSpec, IssuedCard, Issuer, IssuerError};
 use crate::policy::{Outcome, PolicyError, Reason, ReasonCode};
 use crate::store::{
-    AgentKeyRecord, AgentRecord, AgentStatus, CardRef, Decided, IntentRecord, IntentStatus,
-    Store, StoreError,
+    AgentKeyRecord, AgentRecord, AgentStatus, CardRef, Decided, IntentRecord, IntentStatus, Store,
+    StoreError,
 };
 pub use views::{BudgetView, CardView, IntentPage, IntentView, StatusView};
 
@@ -135,6 +135,7 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// Runs a store write (which may wait for the write lock and an fsync) on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ServiceError> {
@@ -145,7 +146,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Service {
-    pub fn new(store: Store, issuer: Issuer, config: ServiceConfig, clock: Arc<dyn Clock>) -> Service {
+    pub fn new(
+        store: Store,
+        issuer: Issuer,
+        config: ServiceConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Service {
         Service {
             inner: Arc::new(Inner {
                 store,
@@ -202,7 +208,10 @@ impl Service {
 
     /// Resolves a presented bearer key to its agent.
     pub fn authenticate(&self, presented: Option<&str>) -> Result<AgentIdentity, AuthError> {
-        let key = presented.map(str::trim).filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
+        let key = presented
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(AuthError::Missing)?;
         let record = self
             .inner
             .store
@@ -234,7 +243,8 @@ impl Service {
         let now = self.now();
         let store = self.inner.store.clone();
         let agent_id = agent.agent_id.clone();
-        let decided = blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id)).await?;
+        let decided =
+            blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id)).await?;
         match decided {
             Decided::Replay(rec) => {
                 let mut view = IntentView::from_record(&rec);
@@ -287,7 +297,10 @@ impl Service {
     }
 
     /// Creates the card of an `issuing` intent and records the result.
-    async fn issue(&self, rec: IntentRecord) -> Result<(IntentRecord, Option<IssuedCard>), ServiceError> {
+    async fn issue(
+        &self,
+        rec: IntentRecord,
+    ) -> Result<(IntentRecord, Option<IssuedCard>), ServiceError> {
         let result = self.create_card_for(&rec).await;
         let now = self.now();
         let store = self.inner.store.clone();
@@ -348,7 +361,11 @@ impl Service {
                 let c = self
                     .inner
                     .issuer
-                    .create_cardholder(&rec.agent_id, &agent.record.name, &self.inner.config.billing)
+                    .create_cardholder(
+                        &rec.agent_id,
+                        &agent.record.name,
+                        &self.inner.config.billing,
+                    )
                     .await?;
                 if let Err(e) = self.inner.store.put_cardholder(&rec.agent_id, &c) {
                     tracing::warn!(error = %e, "could not remember the cardholder");
@@ -363,11 +380,17 @@ impl Service {
         let m = &rec.request.merchant;
         let (allowed_categories, blocked_categories) = match &m.category {
             Some(c) => (vec![c.clone()], vec![]),
-            None => (policy.categories.allow.clone(), policy.categories.deny.clone()),
+            None => (
+                policy.categories.allow.clone(),
+                policy.categories.deny.clone(),
+            ),
         };
         let (allowed_countries, blocked_countries) = match &m.country {
             Some(c) => (vec![c.clone()], vec![]),
-            None => (policy.countries.allow.clone(), policy.countries.deny.clone()),
+            None => (
+                policy.countries.allow.clone(),
+                policy.countries.deny.clone(),
+            ),
         };
         let spec = CardSpec {
             intent_id: rec.id.clone(),
@@ -395,7 +418,11 @@ impl Service {
         }
     }
 
-    pub fn get_purchase(&self, agent: &AgentIdentity, id: &str) -> Result<IntentView, ServiceError> {
+    pub fn get_purchase(
+        &self,
+        agent: &AgentIdentity,
+        id: &str,
+    ) -> Result<IntentView, ServiceError> {
         Ok(IntentView::from_record(&self.owned_intent(agent, id)?))
     }
 
@@ -410,15 +437,19 @@ impl Service {
             Some(id) => Some(self.owned_intent(agent, id)?),
             None => None,
         };
-        let mut rows = self
-            .inner
-            .store
-            .list_intents(&agent.agent_id, limit + 1, cursor.as_ref())?;
+        let mut rows =
+            self.inner
+                .store
+                .list_intents(&agent.agent_id, limit + 1, cursor.as_ref())?;
         let has_more = rows.len() > limit;
         rows.truncate(limit);
         let data: Vec<IntentView> = rows.iter().map(IntentView::from_record).collect();
         Ok(IntentPage {
-            next_cursor: if has_more { data.last().map(|v| v.id.clone()) } else { None },
+            next_cursor: if has_more {
+                data.last().map(|v| v.id.clone())
+            } else {
+                None
+            },
             has_more,
             data,
         })
@@ -426,7 +457,11 @@ impl Service {
 
     /// Cancels an approved or pending intent: the card is canceled at Stripe first, then the
     /// reservation is released. Canceling a canceled intent returns it unchanged.
-    pub async fn cancel_purchase(&self, agent: &AgentIdentity, id: &str) -> Result<IntentView, ServiceError> {
+    pub async fn cancel_purchase(
+        &self,
+        agent: &AgentIdentity,
+        id: &str,
+    ) -> Result<IntentView, ServiceError> {
         let rec = self.owned_intent(agent, id)?;
         match rec.status {
             IntentStatus::Canceled => return Ok(IntentView::from_record(&rec)),
@@ -434,7 +469,9 @@ impl Service {
             IntentStatus::Approved | IntentStatus::PendingApproval => {}
             other => return Err(ServiceError::NotCancelable(other.as_str())),
         }
-        self.end(rec, IntentStatus::Canceled).await.map(|r| IntentView::from_record(&r))
+        self.end(rec, IntentStatus::Canceled)
+            .await
+            .map(|r| IntentView::from_record(&r))
     }
 
     /// Cancels the card (if any) and moves the intent to `to`, releasing its reservation.
@@ -476,7 +513,10 @@ impl Service {
             .policy
             .as_ref()
             .map_err(|_| ServiceError::Internal("agent policy is invalid".into()))?;
-        let budgets = self.inner.store.budgets(&agent.agent_id, policy, self.now())?;
+        let budgets = self
+            .inner
+            .store
+            .budgets(&agent.agent_id, policy, self.now())?;
         let summary = if budgets.is_empty() {
             "no period budgets are set".to_string()
         } else {
@@ -519,7 +559,9 @@ impl Service {
                 IntentStatus::Approved | IntentStatus::PendingApproval => {
                     match self.end(rec, IntentStatus::Expired).await {
                         Ok(_) => ended += 1,
-                        Err(e) => tracing::warn!(intent = %id, error = %e, "expiry failed; will retry"),
+                        Err(e) => {
+                            tracing::warn!(intent = %id, error = %e, "expiry failed; will retry")
+                        }
                     }
                 }
                 // Card creation still running or being recovered: try again next round.
@@ -566,7 +608,12 @@ impl Service {
 }
 
 fn log_decision(rec: &IntentRecord) {
-    let codes: Vec<&str> = rec.decision.reasons.iter().map(|r| r.code.as_str()).collect();
+    let codes: Vec<&str> = rec
+        .decision
+        .reasons
+        .iter()
+        .map(|r| r.code.as_str())
+        .collect();
     tracing::info!(
         intent = %rec.id,
         decision = %rec.decision.id,

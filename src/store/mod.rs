@@ -29,8 +29,7 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const AGENT_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_keys");
 const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("intents");
 /// (agent_id, created, intent_id) → (): listing and velocity windows.
-const AGENT_INTENTS: TableDefinition<(&str, i64, &str), ()> =
-    TableDefinition::new("agent_intents");
+const AGENT_INTENTS: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("agent_intents");
 /// (agent_id, client idempotency key) → intent_id.
 const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency");
 /// (agent_id, currency, period tag, bucket start) → committed minor units.
@@ -308,7 +307,10 @@ impl Store {
         let reservation = (decision.reserve > 0).then(|| Reservation {
             amount: decision.reserve,
             currency: intent.amount.currency,
-            buckets: Period::ALL.iter().map(|p| (*p, p.bucket_start(now))).collect(),
+            buckets: Period::ALL
+                .iter()
+                .map(|p| (*p, p.bucket_start(now)))
+                .collect(),
         });
         let expires_at = compiled.and_then(|p| match status {
             IntentStatus::Issuing => Some(now + i64::from(p.card_ttl_seconds)),
@@ -455,7 +457,10 @@ impl Store {
         now: UnixSeconds,
     ) -> Result<IntentRecord, StoreError> {
         self.update(id, Durability::Immediate, |rec, tx| {
-            if !matches!(rec.status, IntentStatus::Approved | IntentStatus::PendingApproval) {
+            if !matches!(
+                rec.status,
+                IntentStatus::Approved | IntentStatus::PendingApproval
+            ) {
                 return Err(StoreError::WrongState(rec.status.as_str()));
             }
             rec.status = to;
@@ -540,7 +545,12 @@ impl Store {
         let mut out = Vec::new();
         for rule in &policy.budgets {
             let committed = usage
-                .get((agent_id, currency.as_str(), rule.period.tag(), rule.period.bucket_start(now)))?
+                .get((
+                    agent_id,
+                    currency.as_str(),
+                    rule.period.tag(),
+                    rule.period.bucket_start(now),
+                ))?
                 .map_or(0, |v| v.value());
             out.push(BudgetStatus {
                 period: rule.period,

@@ -54,7 +54,12 @@ fn new_record(d: Decided) -> IntentRecord {
 
 fn counter() -> impl Fn() -> String {
     let n = std::sync::atomic::AtomicU64::new(0);
-    move || format!("pur_{:026}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+    move || {
+        format!(
+            "pur_{:026}",
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        )
+    }
 }
 
 fn committed(store: &Store) -> i64 {
@@ -128,12 +133,23 @@ fn reference_model() {
                     .map(|(k, _)| k.clone())
                     .collect();
                 if let Some(id) = approved.first() {
-                    s.finish(id, IntentStatus::Canceled, Reason::new(ReasonCode::IntentCanceled, "x"), T0)
-                        .unwrap();
+                    s.finish(
+                        id,
+                        IntentStatus::Canceled,
+                        Reason::new(ReasonCode::IntentCanceled, "x"),
+                        T0,
+                    )
+                    .unwrap();
                     // A second release is refused and changes nothing.
-                    assert!(s
-                        .finish(id, IntentStatus::Canceled, Reason::new(ReasonCode::IntentCanceled, "x"), T0)
-                        .is_err());
+                    assert!(
+                        s.finish(
+                            id,
+                            IntentStatus::Canceled,
+                            Reason::new(ReasonCode::IntentCanceled, "x"),
+                            T0
+                        )
+                        .is_err()
+                    );
                     live.insert(id.clone(), (IntentStatus::Canceled, 0));
                 }
             }
@@ -155,7 +171,10 @@ fn reservations_and_timers_survive_reopen() {
     let id = {
         let s = store(&dir);
         agent(&s, 10_000);
-        let rec = new_record(s.decide("agt_1", intent(4_000, Some("k1")), T0, &ids).unwrap());
+        let rec = new_record(
+            s.decide("agt_1", intent(4_000, Some("k1")), T0, &ids)
+                .unwrap(),
+        );
         assert_eq!(rec.status, IntentStatus::Issuing);
         rec.id
     };
@@ -173,8 +192,14 @@ fn idempotency_replays_and_detects_mismatch() {
     let s = store(&dir);
     agent(&s, 10_000);
     let ids = counter();
-    let first = new_record(s.decide("agt_1", intent(1_000, Some("k")), T0, &ids).unwrap());
-    match s.decide("agt_1", intent(1_000, Some("k")), T0, &ids).unwrap() {
+    let first = new_record(
+        s.decide("agt_1", intent(1_000, Some("k")), T0, &ids)
+            .unwrap(),
+    );
+    match s
+        .decide("agt_1", intent(1_000, Some("k")), T0, &ids)
+        .unwrap()
+    {
         Decided::Replay(r) => assert_eq!(r.id, first.id),
         Decided::New(_) => panic!("expected a replay"),
     }
@@ -184,10 +209,17 @@ fn idempotency_replays_and_detects_mismatch() {
     ));
     assert_eq!(committed(&s), 1_000, "a replay reserves nothing more");
     // After a failed issuance the same key decides again, on the same intent and Stripe key.
-    s.fail_issuance(&first.id, Reason::new(ReasonCode::CardIssuanceFailed, "x"), T0)
-        .unwrap();
+    s.fail_issuance(
+        &first.id,
+        Reason::new(ReasonCode::CardIssuanceFailed, "x"),
+        T0,
+    )
+    .unwrap();
     assert_eq!(committed(&s), 0);
-    let again = new_record(s.decide("agt_1", intent(1_000, Some("k")), T0, &ids).unwrap());
+    let again = new_record(
+        s.decide("agt_1", intent(1_000, Some("k")), T0, &ids)
+            .unwrap(),
+    );
     assert_eq!(again.id, first.id);
     assert_eq!(again.stripe_idempotency_key, first.stripe_idempotency_key);
     assert_eq!(again.issuance_attempts, 1);
@@ -198,7 +230,10 @@ fn idempotency_replays_and_detects_mismatch() {
 fn unknown_agent_is_declined_not_approved() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(&dir);
-    let rec = new_record(s.decide("agt_nobody", intent(100, None), T0, &counter()).unwrap());
+    let rec = new_record(
+        s.decide("agt_nobody", intent(100, None), T0, &counter())
+            .unwrap(),
+    );
     assert_eq!(rec.status, IntentStatus::Declined);
     assert_eq!(rec.decision.reasons[0].code, ReasonCode::NoPolicy);
 }

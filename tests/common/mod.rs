@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 //! Shared harness: a real emulator and a real sidecar on loopback ports, with a real redb
 //! store in a temporary directory, driven over HTTP.
 #![allow(dead_code)]
@@ -47,9 +48,11 @@ pub async fn start_emulator() -> EmulatorHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Emulator::new(EmulatorConfig::default()).serve(listener, async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(
+        Emulator::new(EmulatorConfig::default()).serve(listener, async move {
+            let _ = rx.await;
+        }),
+    );
     EmulatorHandle {
         addr,
         url: format!("http://{addr}"),
@@ -139,7 +142,9 @@ pub async fn start_sidecar(
 ) -> Sidecar {
     let store = Store::open(&data_dir.join("sidecar.redb")).unwrap();
     let svc = service(store, emulator, clock);
-    let key = svc.create_agent("agt_test", "test agent", policy, None).unwrap();
+    let key = svc
+        .create_agent("agt_test", "test agent", policy, None)
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -212,9 +217,16 @@ pub fn luhn(number: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, d)| if i % 2 == 1 { let x = d * 2; if x > 9 { x - 9 } else { x } } else { *d })
+        .map(|(i, d)| {
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                *d
+            }
+        })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 pub fn demo_policy() -> Policy {

@@ -29,7 +29,11 @@ const SHIPPING: Shape = Shape::Obj(&[
         "address_validation",
         Shape::Obj(&[(
             "mode",
-            Shape::Enum(&["disabled", "normalization_only", "validation_and_normalization"]),
+            Shape::Enum(&[
+                "disabled",
+                "normalization_only",
+                "validation_and_normalization",
+            ]),
         )]),
     ),
     ("customs", Shape::Obj(&[("eori_number", Shape::Str(5000))])),
@@ -340,8 +344,9 @@ pub fn create(
     let exp_month = int_of(&p, "exp_month").unwrap_or(month);
     let exp_year = int_of(&p, "exp_year").unwrap_or(year + EXPIRY_YEARS);
     if (exp_year, exp_month) < (year, month) {
-        return Err(ApiError::invalid("The expiration date must be in the future.")
-            .with_param("exp_year"));
+        return Err(
+            ApiError::invalid("The expiration date must be in the future.").with_param("exp_year"),
+        );
     }
     let pan = fresh_pan(state);
     let account = state.account(key);
@@ -392,7 +397,10 @@ pub fn create(
         replaced_by: None,
         shipping,
     };
-    if let Some(old) = replacement_for.as_deref().and_then(|id| account.cards.get_mut(id)) {
+    if let Some(old) = replacement_for
+        .as_deref()
+        .and_then(|id| account.cards.get_mut(id))
+    {
         old.replaced_by = Some(card.id.clone());
     }
     let body = card.render(account, Reveal::default(), &expand);
@@ -455,7 +463,8 @@ pub fn update(
     if let Some(s) = obj_of(&p, "shipping") {
         if next.kind == CardType::Virtual {
             return Err(
-                ApiError::invalid("Shipping can only be set on physical cards.").with_param("shipping"),
+                ApiError::invalid("Shipping can only be set on physical cards.")
+                    .with_param("shipping"),
             );
         }
         next.shipping = Some(render_shipping(s)?);
@@ -567,14 +576,27 @@ mod tests {
         let e = create_q(&mut state, "currency=usd&type=virtual").expect_err("no cardholder");
         assert_eq!(e.code, Some("parameter_missing"));
         assert_eq!(e.param.as_deref(), Some("cardholder"));
-        let e = create_q(&mut state, "currency=usd&type=virtual&cardholder=ich_nope").expect_err("unknown");
+        let e = create_q(&mut state, "currency=usd&type=virtual&cardholder=ich_nope")
+            .expect_err("unknown");
         assert_eq!(e.code, Some("resource_missing"));
         assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
-        let e = create_q(&mut state, &format!("currency=jpy&type=virtual&cardholder={ch}")).expect_err("currency");
+        let e = create_q(
+            &mut state,
+            &format!("currency=jpy&type=virtual&cardholder={ch}"),
+        )
+        .expect_err("currency");
         assert_eq!(e.param.as_deref(), Some("currency"));
-        let e = create_q(&mut state, &format!("currency=usd&type=physical&cardholder={ch}")).expect_err("shipping");
+        let e = create_q(
+            &mut state,
+            &format!("currency=usd&type=physical&cardholder={ch}"),
+        )
+        .expect_err("shipping");
         assert_eq!(e.param.as_deref(), Some("shipping"));
-        let e = create_q(&mut state, &format!("currency=usd&type=virtual&cardholder={ch}&expand[]=bogus")).expect_err("expand");
+        let e = create_q(
+            &mut state,
+            &format!("currency=usd&type=virtual&cardholder={ch}&expand[]=bogus"),
+        )
+        .expect_err("expand");
         assert!(e.message.contains("cannot be expanded"));
         assert!(state.account(&P).cards.is_empty());
     }
@@ -582,24 +604,43 @@ mod tests {
     #[test]
     fn cancel_is_terminal() {
         let (mut state, ch) = setup();
-        let card = create_q(&mut state, &format!("currency=usd&type=virtual&status=active&cardholder={ch}")).expect("card");
+        let card = create_q(
+            &mut state,
+            &format!("currency=usd&type=virtual&status=active&cardholder={ch}"),
+        )
+        .expect("card");
         let id = card["id"].as_str().expect("id");
         let a = state.account(&P);
-        let e = update(a, id, form::parse("cancellation_reason=lost").expect("parses")).expect_err("reason alone");
+        let e = update(
+            a,
+            id,
+            form::parse("cancellation_reason=lost").expect("parses"),
+        )
+        .expect_err("reason alone");
         assert_eq!(e.param.as_deref(), Some("cancellation_reason"));
-        let c = update(a, id, form::parse("status=canceled&cancellation_reason=lost").expect("parses")).expect("cancel");
+        let c = update(
+            a,
+            id,
+            form::parse("status=canceled&cancellation_reason=lost").expect("parses"),
+        )
+        .expect("cancel");
         assert_eq!(c["status"], "canceled");
         assert_eq!(c["cancellation_reason"], "lost");
         let e = update(a, id, form::parse("status=active").expect("parses")).expect_err("terminal");
         assert_eq!(e.param.as_deref(), Some("status"));
-        let c = update(a, id, form::parse("metadata[note]=x").expect("parses")).expect("metadata still ok");
+        let c = update(a, id, form::parse("metadata[note]=x").expect("parses"))
+            .expect("metadata still ok");
         assert_eq!(c["metadata"]["note"], "x");
     }
 
     #[test]
     fn list_filters_and_replacement() {
         let (mut state, ch) = setup();
-        let first = create_q(&mut state, &format!("currency=usd&type=virtual&cardholder={ch}")).expect("card");
+        let first = create_q(
+            &mut state,
+            &format!("currency=usd&type=virtual&cardholder={ch}"),
+        )
+        .expect("card");
         let first_id = first["id"].as_str().expect("id").to_owned();
         let second = create_q(
             &mut state,
@@ -614,7 +655,11 @@ mod tests {
         let active = list(a, form::parse("status=active").expect("parses")).expect("list");
         assert_eq!(active["data"].as_array().map(Vec::len), Some(1));
         let l4 = first["last4"].as_str().expect("last4");
-        let by_last4 = list(a, form::parse(&format!("last4={l4}&limit=1")).expect("parses")).expect("list");
+        let by_last4 = list(
+            a,
+            form::parse(&format!("last4={l4}&limit=1")).expect("parses"),
+        )
+        .expect("list");
         assert_eq!(by_last4["data"][0]["last4"], l4);
         let page = list(a, form::parse("limit=1").expect("parses")).expect("list");
         assert_eq!(page["has_more"], true);

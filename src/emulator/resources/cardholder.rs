@@ -10,8 +10,8 @@ use crate::emulator::catalog;
 use crate::emulator::error::ApiError;
 use crate::emulator::ids;
 use crate::emulator::params::{
-    self, ADDRESS, ArrayParam, CARDHOLDER_SPENDING_CONTROLS, EXPAND, LIST_COMMON, METADATA,
-    Shape, apply_metadata, array_of, expand_of, int_of, obj_of, str_of, strings,
+    self, ADDRESS, ArrayParam, CARDHOLDER_SPENDING_CONTROLS, EXPAND, LIST_COMMON, METADATA, Shape,
+    apply_metadata, array_of, expand_of, int_of, obj_of, str_of, strings,
 };
 use crate::emulator::state::{AccountState, StoredObject};
 
@@ -139,9 +139,8 @@ pub struct Individual {
 
 impl Individual {
     fn render(&self) -> Value {
-        let terms = self.terms_date.is_some()
-            || self.terms_ip.is_some()
-            || self.terms_user_agent.is_some();
+        let terms =
+            self.terms_date.is_some() || self.terms_ip.is_some() || self.terms_user_agent.is_some();
         json!({
             "card_issuing": if terms {
                 json!({"user_terms_acceptance": {
@@ -231,12 +230,9 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
 }
 
 fn validate_email(email: &str) -> Result<(), ApiError> {
-    let ok = email
-        .split_once('@')
-        .is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.contains('@')
-        })
-        && !email.contains(char::is_whitespace);
+    let ok = email.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty() && domain.contains('.') && !domain.contains('@')
+    }) && !email.contains(char::is_whitespace);
     if ok {
         Ok(())
     } else {
@@ -248,7 +244,8 @@ fn validate_email(email: &str) -> Result<(), ApiError> {
 
 /// `billing[address]`: on create the four required fields must be present.
 fn read_billing(billing: &Map<String, Value>) -> Result<Address, ApiError> {
-    let address = obj_of(billing, "address").ok_or_else(|| ApiError::missing("billing[address]"))?;
+    let address =
+        obj_of(billing, "address").ok_or_else(|| ApiError::missing("billing[address]"))?;
     let req = |k: &str| {
         str_of(address, k)
             .map(str::to_owned)
@@ -274,7 +271,10 @@ fn read_billing(billing: &Map<String, Value>) -> Result<Address, ApiError> {
     })
 }
 
-fn apply_individual(target: &mut Option<Individual>, param: Option<&Value>) -> Result<(), ApiError> {
+fn apply_individual(
+    target: &mut Option<Individual>,
+    param: Option<&Value>,
+) -> Result<(), ApiError> {
     let map = match param {
         None => return Ok(()),
         Some(Value::Object(map)) => map,
@@ -295,14 +295,16 @@ fn apply_individual(target: &mut Option<Individual>, param: Option<&Value>) -> R
         ind.dob = match v.as_object() {
             Some(dob) => {
                 let part = |k: &str| {
-                    int_of(dob, k).ok_or_else(|| ApiError::missing(&format!("individual[dob][{k}]")))
+                    int_of(dob, k)
+                        .ok_or_else(|| ApiError::missing(&format!("individual[dob][{k}]")))
                 };
                 Some((part("day")?, part("month")?, part("year")?))
             }
             None => None,
         };
     }
-    if let Some(terms) = obj_of(map, "card_issuing").and_then(|c| obj_of(c, "user_terms_acceptance"))
+    if let Some(terms) =
+        obj_of(map, "card_issuing").and_then(|c| obj_of(c, "user_terms_acceptance"))
     {
         if let Some(v) = terms.get("date") {
             ind.terms_date = v.as_i64();
@@ -329,10 +331,7 @@ fn apply_common(ch: &mut Cardholder, p: &Map<String, Value>) -> Result<(), ApiEr
         ch.phone_number = v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
     }
     if let Some(v) = p.get("company") {
-        ch.company_tax_id_provided = match v.as_object() {
-            Some(c) => Some(str_of(c, "tax_id").is_some()),
-            None => None,
-        };
+        ch.company_tax_id_provided = v.as_object().map(|c| str_of(c, "tax_id").is_some());
     }
     apply_individual(&mut ch.individual, p.get("individual"))?;
     match array_of(p, "preferred_locales") {
@@ -380,7 +379,11 @@ pub fn create(
     Ok(body)
 }
 
-pub fn retrieve(account: &AccountState, id: &str, mut p: Map<String, Value>) -> Result<Value, ApiError> {
+pub fn retrieve(
+    account: &AccountState,
+    id: &str,
+    mut p: Map<String, Value>,
+) -> Result<Value, ApiError> {
     params::validate(&mut p, RETRIEVE)?;
     params::check_expand(&expand_of(&p), EXPANDABLE)?;
     account
@@ -443,7 +446,8 @@ mod tests {
     #[test]
     fn create_defaults_and_shape() {
         let mut a = AccountState::default();
-        let ch = create_q(&mut a, &format!("{BASE}&email=j@example.com&metadata[k]=v")).expect("created");
+        let ch = create_q(&mut a, &format!("{BASE}&email=j@example.com&metadata[k]=v"))
+            .expect("created");
         assert!(ch["id"].as_str().is_some_and(|id| id.starts_with("ich_")));
         assert_eq!(ch["object"], "issuing.cardholder");
         assert_eq!(ch["status"], "active");

@@ -38,7 +38,11 @@ fn set_list(target: &mut Option<Vec<String>>, params: &Map<String, Value>, key: 
         ArrayParam::Unset => *target = None,
         ArrayParam::Set(items) => {
             let values = strings(items);
-            *target = if values.is_empty() { None } else { Some(values) };
+            *target = if values.is_empty() {
+                None
+            } else {
+                Some(values)
+            };
         }
     }
 }
@@ -223,7 +227,10 @@ mod tests {
             "spending_controls[allowed_categories][]=bakeries&spending_controls[blocked_categories][]=florists",
         )
         .expect_err("exclusive");
-        assert!(e.message.starts_with("You may only specify one of these parameters"));
+        assert!(
+            e.message
+                .starts_with("You may only specify one of these parameters")
+        );
         let e = controls(
             "spending_controls[allowed_merchant_countries][]=US&spending_controls[blocked_merchant_countries][]=RU",
         )
@@ -241,15 +248,22 @@ mod tests {
             "spending_controls[blocked_merchant_countries]=&spending_controls[allowed_merchant_countries][]=US",
         )
         .expect("parses");
-        params::validate(&mut m, &[("spending_controls", params::CARD_SPENDING_CONTROLS)])
-            .expect("valid");
+        params::validate(
+            &mut m,
+            &[("spending_controls", params::CARD_SPENDING_CONTROLS)],
+        )
+        .expect("valid");
         c.apply(m.get("spending_controls")).expect("applies");
         assert_eq!(c.blocked_merchant_countries, None);
         assert_eq!(c.allowed_merchant_countries, Some(vec!["US".to_owned()]));
         // switching sides without unsetting the other is refused
-        let mut m = form::parse("spending_controls[blocked_merchant_countries][]=RU").expect("parses");
-        params::validate(&mut m, &[("spending_controls", params::CARD_SPENDING_CONTROLS)])
-            .expect("valid");
+        let mut m =
+            form::parse("spending_controls[blocked_merchant_countries][]=RU").expect("parses");
+        params::validate(
+            &mut m,
+            &[("spending_controls", params::CARD_SPENDING_CONTROLS)],
+        )
+        .expect("valid");
         assert!(c.apply(m.get("spending_controls")).is_err());
         assert_eq!(c.allowed_merchant_countries, Some(vec!["US".to_owned()]));
     }

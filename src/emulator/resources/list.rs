@@ -170,11 +170,13 @@ mod tests {
         let first = paginate(&s, &q(10, None, None), "thing", |_| true).expect("page");
         assert_eq!(ids(&first)[0], "o24");
         assert!(first.has_more);
-        let mut seen = ids(&first).into_iter().map(str::to_owned).collect::<Vec<_>>();
+        let mut seen = ids(&first)
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
         let mut cursor = seen.last().cloned();
         loop {
-            let p = paginate(&s, &q(10, cursor.as_deref(), None), "thing", |_| true)
-                .expect("page");
+            let p = paginate(&s, &q(10, cursor.as_deref(), None), "thing", |_| true).expect("page");
             seen.extend(ids(&p).into_iter().map(str::to_owned));
             cursor = seen.last().cloned();
             if !p.has_more {

@@ -96,7 +96,10 @@ mod tests {
     #[test]
     fn routes() {
         let r = |m: Method, p: &str| Route::recognize(&m, p).map(|(r, _)| r);
-        assert_eq!(r(Method::POST, "/v1/issuing/cards"), Some(Route::CardCreate));
+        assert_eq!(
+            r(Method::POST, "/v1/issuing/cards"),
+            Some(Route::CardCreate)
+        );
         assert_eq!(
             r(Method::GET, "/v1/issuing/cards/ic_1"),
             Some(Route::CardRetrieve("ic_1".into()))

@@ -1,0 +1,156 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+//! `roony dev` as a person runs it: the real binary, the README's requests, and a scan of
+//! everything it wrote (data directory, stdout, stderr at trace level) for the card number.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &std::path::Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {needle:?}; got:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test]
+async fn dev_buys_declines_and_never_writes_a_card_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let stdout_path = tmp.path().join("stdout.log");
+    let stderr_path = tmp.path().join("stderr.log");
+    let key = "roony-dev-test-key-0123456789";
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_roony"))
+            .args([
+                "dev",
+                "--sidecar-listen",
+                "127.0.0.1:0",
+                "--emulator-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("ROONY_DEV_AGENT_KEY", key)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::from(std::fs::File::create(&stdout_path).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let line = wait_for(&stderr_path, "sidecar listening on");
+    let base = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    wait_for(&stdout_path, "Agent key");
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap();
+    assert!(stdout.contains(key), "dev prints the demo agent's key");
+
+    let client = reqwest::Client::new();
+    let buy = |body: Value| {
+        client
+            .post(format!("{base}/api/v1/purchase_intent"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    // The README's two requests.
+    let r = buy(json!({"amount":1200,"currency":"usd","merchant":{"name":"Namecheap","url":"https://www.namecheap.com","country":"US"},"description":"one domain for a year"})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let approved: Value = r.json().await.unwrap();
+    let pan = approved["card"]["number"].as_str().unwrap().to_string();
+    let cvc = approved["card"]["cvc"].as_str().unwrap().to_string();
+    assert_eq!(pan.len(), 16);
+    let r = buy(json!({"amount":5000,"currency":"usd","merchant":{"name":"Lucky Casino","url":"https://luckycasino.example","category":"betting_casino_gambling"},"description":"chips"})).await.unwrap();
+    assert_eq!(r.status(), 402);
+    let declined: Value = r.json().await.unwrap();
+    assert_eq!(declined["reasons"][0]["code"], "category_not_allowed");
+    // An idempotent replay fetches the card again; it must not be logged either.
+    let r = buy(json!({"amount":700,"currency":"usd","merchant":{"name":"Shop","url":"https://shop.example"},"description":"x","idempotency_key":"k1"})).await.unwrap();
+    let first: Value = r.json().await.unwrap();
+    let r = buy(json!({"amount":700,"currency":"usd","merchant":{"name":"Shop","url":"https://shop.example"},"description":"x","idempotency_key":"k1"})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let pan2 = first["card"]["number"].as_str().unwrap().to_string();
+
+    // Stop gracefully so everything is flushed, then scan.
+    sigterm(child.0.id());
+    let mut child = child;
+    let start = Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "dev did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut files = vec![stdout_path, stderr_path.clone()];
+    walk(&data, &mut files);
+    assert!(files.len() >= 3, "the data dir holds the database");
+    let stderr_len = std::fs::metadata(&stderr_path).unwrap().len();
+    assert!(stderr_len > 1000, "trace logging was captured");
+    for f in files {
+        let mut bytes = Vec::new();
+        std::fs::File::open(&f)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in [&pan, &pan2] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "card number found in {}",
+                f.display()
+            );
+        }
+        assert!(
+            !text.contains(&format!("\"cvc\":\"{cvc}\"")),
+            "cvc found in {}",
+            f.display()
+        );
+        assert!(
+            !text.contains(key) || f.ends_with("stdout.log"),
+            "agent key found in {}",
+            f.display()
+        );
+    }
+}
+
+fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

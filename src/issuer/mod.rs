@@ -137,6 +137,8 @@ pub struct IssuedCard {
     pub cardholder: String,
     pub billing: BillingAddress,
     pub secrets: Option<CardSecrets>,
+    /// Whether Stripe reports the card `active`.
+    pub active: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -363,7 +365,17 @@ impl Issuer {
                     .send(&self.client)
             })
             .await?;
-        self.retrieve_card(card.id.as_str(), true).await
+        let issued = self.retrieve_card(card.id.as_str(), true).await?;
+        if !issued.active {
+            // An idempotent replay can return a card that was since canceled (e.g. after a
+            // failed recording): never hand out a dead card as an approval.
+            return Err(IssuerError::Rejected {
+                status: 200,
+                code: Some("card_not_active".into()),
+                message: format!("card {} is not active", issued.id),
+            });
+        }
+        Ok(issued)
     }
 
     /// Retrieves a card; with `secrets`, expands its number and CVC.
@@ -443,6 +455,7 @@ fn issued(card: IssuingCard) -> IssuedCard {
         _ => None,
     };
     IssuedCard {
+        active: card.status == IssuingCardStatus::Active,
         id: card.id.to_string(),
         last4: card.last4,
         brand: card.brand,

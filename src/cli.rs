@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the sidecar next to an agent: the agent API, policy decisions and card issuing.
     Sidecar(SidecarArgs),
+    /// MCP over stdio for clients that launch a command: forwards to the running sidecar.
+    /// Reads ROONY_AGENT_KEY and ROONY_SIDECAR_URL (default http://127.0.0.1:8787).
+    Mcp(McpArgs),
     /// Run the local Stripe Issuing emulator.
     StripeEmulator(EmulatorArgs),
     /// Run everything locally: emulator + sidecar with a demo agent.
@@ -62,6 +65,35 @@ pub struct SidecarArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub stripe: StripeArgs,
+    #[command(flatten)]
+    pub mcp: McpHostArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct McpArgs {
+    #[arg(
+        long,
+        env = "ROONY_SIDECAR_URL",
+        default_value = "http://127.0.0.1:8787"
+    )]
+    pub sidecar_url: String,
+}
+
+/// `Host` values the MCP endpoint accepts (DNS-rebinding protection).
+#[derive(Args, Debug, Clone)]
+pub struct McpHostArgs {
+    /// Comma-separated `Host` values accepted at /mcp (add the name the sidecar is reached by
+    /// in a container deployment).
+    #[arg(long, env = "ROONY_MCP_ALLOWED_HOSTS", value_delimiter = ',', default_values_t = crate::mcp::http::DEFAULT_ALLOWED_HOSTS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub mcp_allowed_hosts: Vec<String>,
+}
+
+impl McpHostArgs {
+    pub fn config(&self) -> crate::mcp::http::McpHttpConfig {
+        crate::mcp::http::McpHttpConfig {
+            allowed_hosts: self.mcp_allowed_hosts.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -161,12 +193,18 @@ async fn run(cli: Cli) -> Result<(), String> {
                 data_dir: args.data_dir.clone(),
                 stripe: args.stripe.config(),
                 billing: BillingAddress::default(),
+                mcp: args.mcp.config(),
             };
             let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
             let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
-            let running = sidecar::start(service, config.listen, shutdown_signal())
-                .await
-                .map_err(|e| e.to_string())?;
+            let running = sidecar::start(
+                service,
+                config.listen,
+                config.mcp.clone(),
+                shutdown_signal(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             eprintln!("roony: sidecar listening on http://{}", running.addr);
             wait_server(running.server).await
         }
@@ -182,6 +220,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         }
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Mcp(args) => {
+            crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
+                .await
+                .map_err(|e| e.to_string())
+        }
         Command::Agent(AgentCommand::Create {
             data_dir,
             id,

@@ -39,12 +39,16 @@ pub struct DevArgs {
     /// Use this demo agent key instead of generating one (at least 20 characters).
     #[arg(long, env = "ROONY_DEV_AGENT_KEY", hide_env_values = true)]
     pub agent_key: Option<String>,
+    #[command(flatten)]
+    pub mcp: crate::cli::McpHostArgs,
 }
 
-/// The demo agent's policy: USD 100.00 per purchase, USD 250.00 a day, no gambling.
+/// The demo agent's policy: USD 100.00 per purchase, USD 250.00 a day, no gambling, and
+/// purchases above USD 50.00 need the user's confirmation (or an administrator's approval).
 pub fn demo_policy() -> Policy {
     let mut p = Policy::new(Currency::USD);
     p.max_per_transaction = Some(10_000);
+    p.require_confirmation_above = Some(5_000);
     p.budgets = vec![BudgetRule {
         period: Period::Daily,
         limit: 25_000,
@@ -86,6 +90,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         data_dir: args.data_dir.join("sidecar"),
         stripe: StripeConfig::new(DEV_STRIPE_KEY, Some(format!("http://{emulator_addr}"))),
         billing: BillingAddress::default(),
+        mcp: args.mcp.config(),
     };
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
     let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
@@ -97,22 +102,29 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             args.agent_key.as_deref(),
         )
         .map_err(|e| format!("cannot create the demo agent: {e}"))?;
-    let running = sidecar::start(service, config.listen, stopped(stop_rx.clone()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let running = sidecar::start(
+        service,
+        config.listen,
+        config.mcp.clone(),
+        stopped(stop_rx.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
 
     let base = format!("http://{}", running.addr);
     eprintln!("roony: stripe emulator listening on http://{emulator_addr}");
     eprintln!("roony: sidecar listening on {base}");
     println!(
         "\nRoony is running (data in {}).\n\n\
-         Demo agent: {DEMO_AGENT_ID} — USD 100.00 per purchase, USD 250.00 a day, no gambling.\n\
+         Demo agent: {DEMO_AGENT_ID} — USD 100.00 per purchase, USD 250.00 a day, no gambling,\n\
+         purchases above USD 50.00 need the user's confirmation.\n\
          Agent key (shown once): {key}\n\n\
          Buy something:\n  curl -s {base}/api/v1/purchase_intent -H 'Authorization: Bearer {key}' \\\n    \
          -H 'Content-Type: application/json' \\\n    \
          -d '{{\"amount\":1200,\"currency\":\"usd\",\"merchant\":{{\"name\":\"Namecheap\",\"url\":\"https://www.namecheap.com\",\"country\":\"US\"}},\"description\":\"one domain for a year\"}}'\n\n\
          See the budget:  curl -s {base}/api/v1/budget -H 'Authorization: Bearer {key}'\n\
          API spec:        {base}/openapi.json\n\
+         MCP:             {base}/mcp (streamable HTTP, same key), or `roony mcp` over stdio\n\
          Stop with Ctrl-C.\n",
         args.data_dir.display()
     );

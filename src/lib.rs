@@ -9,6 +9,7 @@ pub mod dev;
 pub mod domain;
 pub mod emulator;
 pub mod issuer;
+pub mod mcp;
 pub mod policy;
 pub mod service;
 pub mod sidecar;

@@ -14,6 +14,7 @@ pub struct SidecarConfig {
     pub data_dir: PathBuf,
     pub stripe: StripeConfig,
     pub billing: BillingAddress,
+    pub mcp: crate::mcp::http::McpHttpConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum StartError {
     Issuer(#[from] IssuerError),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("cannot set up MCP: {0}")]
+    Mcp(String),
 }
 
 /// Opens the sidecar database in `data_dir` (created if needed).
@@ -56,10 +59,21 @@ pub struct Running {
     pub background: tokio::task::JoinHandle<()>,
 }
 
-/// Binds, starts background tasks and serves the agent API until `shutdown` resolves.
+/// The sidecar's HTTP app: the agent OpenAPI and MCP at `/mcp`.
+pub fn app(
+    service: Service,
+    mcp: crate::mcp::http::McpHttpConfig,
+) -> Result<axum::Router, StartError> {
+    let mcp = crate::mcp::http::router(service.clone(), mcp).map_err(StartError::Mcp)?;
+    Ok(mcp.merge(crate::api::router(service)))
+}
+
+/// Binds, starts background tasks and serves the agent API and MCP until `shutdown`
+/// resolves.
 pub async fn start(
     service: Service,
     listen: SocketAddr,
+    mcp: crate::mcp::http::McpHttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -68,8 +82,8 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Listen(listen, e))?;
+    let app = app(service.clone(), mcp)?;
     let background = service.spawn_background();
-    let app = crate::api::router(service);
     let server = tokio::spawn(crate::api::serve(listener, app, shutdown));
     Ok(Running {
         addr,

@@ -26,6 +26,11 @@ fn agent_openapi_is_committed() {
     check("openapi/roony-agent.json", &roony::api::openapi_json());
 }
 
+#[test]
+fn mcp_tools_are_committed() {
+    check("mcp/tools.json", &roony::mcp::tools_json());
+}
+
 #[tokio::test]
 async fn served_spec_equals_committed_spec() {
     let emu = common::start_emulator().await;

@@ -162,6 +162,7 @@ async fn interrupted_issuance_is_recovered_without_a_second_card() {
                     intent,
                     clock.0.load(std::sync::atomic::Ordering::SeqCst),
                     &roony::service::ids::intent_id,
+                    Default::default(),
                 )
                 .unwrap()
             {

@@ -123,7 +123,7 @@ pub struct PurchaseResponse {
     path = "/api/v1/purchase_intent",
     tag = "purchases",
     request_body = PurchaseRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe; same as the body's idempotency_key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe; same as the body's idempotency_key (1 to 255 printable ASCII characters, no spaces)", min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     responses(
         (status = 201, description = "Approved: the card is in `card`", body = PurchaseResponse),
         (status = 200, description = "Idempotent replay of an earlier request", body = PurchaseResponse),

@@ -14,23 +14,44 @@ pub const MAX_LINE_ITEMS: usize = 100;
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// The merchant an agent wants to pay.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantInput {
-    /// The merchant's name as shown at checkout, e.g. "Namecheap".
-    #[schema(max_length = 200, min_length = 1, example = "Namecheap")]
+    /// The merchant's name as shown at checkout, e.g. "Namecheap". Must contain a letter or
+    /// digit; no control characters (surrounding whitespace is trimmed).
+    #[schema(
+        max_length = 200,
+        min_length = 1,
+        example = "Namecheap",
+        pattern = r"^[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*(?:[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B-\x1F\x7F-\x9F]*)?[^\W_](?:[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F])?[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
+    )]
     pub name: String,
     /// The checkout URL or the merchant's site; its host is matched against domain rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 2048, example = "https://www.namecheap.com/checkout")]
+    #[schema(
+        max_length = 2048,
+        example = "https://www.namecheap.com/checkout",
+        pattern = r"^https?://[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){1,3}\.?(?::[0-9]{1,5})?(?:[/?#]\S*)?$"
+    )]
     pub url: Option<String>,
     /// The merchant's domain, if no URL is given, e.g. "namecheap.com".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 253)]
+    #[schema(
+        max_length = 253,
+        example = "namecheap.com",
+        pattern = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){1,3}\.?$"
+    )]
     pub domain: Option<String>,
     /// ISO 3166-1 alpha-2 country of the merchant, e.g. "US".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "US", min_length = 2, max_length = 2)]
+    #[schema(
+        example = "US",
+        min_length = 2,
+        max_length = 2,
+        pattern = "^[A-Za-z]{2}$"
+    )]
     pub country: Option<String>,
     /// Four-digit merchant category code (MCC), e.g. "5734".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,12 +64,17 @@ pub struct MerchantInput {
 }
 
 /// One line of what is being bought.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineItemInput {
-    #[schema(max_length = 200, min_length = 1)]
+    /// What this line is; no control characters other than tab and newline.
+    #[schema(
+        max_length = 200,
+        min_length = 1,
+        pattern = r"^[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F](?:[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F])?[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
+    )]
     pub description: String,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "u32_or_whole_float")]
     #[schema(minimum = 1, maximum = 10000, default = 1)]
     pub quantity: u32,
     /// Price of one unit in minor units of the intent's currency.
@@ -62,7 +88,7 @@ fn one() -> u32 {
 }
 
 /// A purchase an agent asks Roony to approve.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseRequest {
     /// Amount in minor units (cents for USD): 1200 is USD 12.00.
@@ -70,14 +96,21 @@ pub struct PurchaseRequest {
     #[schema(minimum = 1, maximum = 99999999, example = 1200)]
     pub amount: i64,
     /// ISO 4217 currency code, any case ("usd" or "USD").
-    #[schema(example = "usd", min_length = 3, max_length = 3)]
+    #[schema(
+        example = "usd",
+        min_length = 3,
+        max_length = 3,
+        pattern = "^[A-Za-z]{3}$"
+    )]
     pub currency: String,
     pub merchant: MerchantInput,
-    /// What is being bought and why, in a sentence.
+    /// What is being bought and why, in a sentence; no control characters other than tab and
+    /// newline.
     #[schema(
         max_length = 1000,
         min_length = 1,
-        example = "Register roony-demo.dev for one year"
+        example = "Register roony-demo.dev for one year",
+        pattern = r"^[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F](?:[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\x00-\x1F\x7F-\x9F])?[\t\n\x0B\x0C\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$"
     )]
     pub description: String,
     /// Optional breakdown; when given, it must add up to `amount`.
@@ -85,25 +118,37 @@ pub struct PurchaseRequest {
     #[schema(max_items = 100)]
     pub line_items: Vec<LineItemInput>,
     /// Makes retries safe: the same key with the same body returns the same intent and never
-    /// a second card. Also accepted as the `Idempotency-Key` header.
+    /// a second card. Also accepted as the `Idempotency-Key` header. Printable ASCII, no spaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 255, min_length = 1)]
+    #[schema(max_length = 255, min_length = 1, pattern = "^[!-~]+$")]
     pub idempotency_key: Option<String>,
 }
 
 /// Accepts integers, and whole numbers written as floats (`1200.0`, as some JSON encoders and
 /// OpenAPI 3.1 tooling send them); rejects fractions, since amounts are minor units.
 fn int_or_whole_float<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    whole_number(d)?.ok_or_else(|| {
+        serde::de::Error::custom("amounts are integers in minor units (1200 means USD 12.00)")
+    })
+}
+
+/// Like `int_or_whole_float`, for counts such as `quantity`.
+fn u32_or_whole_float<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    whole_number(d)?
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| serde::de::Error::custom("quantity must be a whole number"))
+}
+
+/// A JSON number that is an integer or a float with no fractional part; `None` otherwise.
+fn whole_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     let n = serde_json::Number::deserialize(d)?;
     if let Some(i) = n.as_i64() {
-        return Ok(i);
+        return Ok(Some(i));
     }
-    match n.as_f64() {
-        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
-        _ => Err(serde::de::Error::custom(
-            "amounts are integers in minor units (1200 means USD 12.00)",
-        )),
-    }
+    Ok(match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+        _ => None,
+    })
 }
 
 /// A validated merchant: normalized for matching.

@@ -71,7 +71,16 @@ impl StripeConfig {
 }
 
 /// The billing address cards are issued with (the cardholder's).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+    schemars::JsonSchema,
+)]
 pub struct BillingAddress {
     pub line1: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,9 @@ use utoipa::ToSchema;
 
 use crate::domain::time::{Period, UnixSeconds};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Approved,
@@ -15,13 +17,20 @@ pub enum Outcome {
 }
 
 /// Stable reason codes. Never rename one: agents and dashboards match on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ReasonCode {
     /// Approved: every rule passed.
     WithinPolicy,
     /// Above the policy's approval threshold: waits for an administrator.
     ApprovalRequired,
+    /// Above the confirmation threshold and the user could not be asked: waits for an
+    /// administrator.
+    ConfirmationRequired,
+    /// The user was asked to confirm the purchase and said no.
+    ConfirmationDeclined,
     ExceedsTransactionLimit,
     ExceedsBudget,
     MerchantNotAllowed,
@@ -47,6 +56,8 @@ impl ReasonCode {
         match self {
             ReasonCode::WithinPolicy => "within_policy",
             ReasonCode::ApprovalRequired => "approval_required",
+            ReasonCode::ConfirmationRequired => "confirmation_required",
+            ReasonCode::ConfirmationDeclined => "confirmation_declined",
             ReasonCode::ExceedsTransactionLimit => "exceeds_transaction_limit",
             ReasonCode::ExceedsBudget => "exceeds_budget",
             ReasonCode::MerchantNotAllowed => "merchant_not_allowed",
@@ -64,7 +75,7 @@ impl ReasonCode {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct Reason {
     pub code: ReasonCode,
     /// A sentence an LLM can act on, e.g. "daily budget has USD 12.40 left".
@@ -81,7 +92,7 @@ impl Reason {
 }
 
 /// One budget of the agent, as of a decision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct BudgetStatus {
     #[schema(value_type = String, example = "daily")]
     pub period: Period,

@@ -43,10 +43,22 @@ pub fn period_index(period: Period) -> usize {
     }
 }
 
-/// Facts about the agent that are not part of its policy.
+/// Facts about the agent and this request that are not part of its policy.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AgentState {
     pub frozen: bool,
+    /// What the human in front of the agent said, if they were asked.
+    pub confirmation: Confirmation,
+}
+
+/// The human's confirmation of a purchase (asked through MCP elicitation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Not asked (or the interface cannot ask).
+    #[default]
+    NotAsked,
+    Confirmed,
+    Refused,
 }
 
 /// Evaluates `intent` against `policy`. Collects every matching reason; the outcome is a
@@ -137,6 +149,13 @@ pub fn evaluate(
         ));
     }
 
+    if agent.confirmation == Confirmation::Refused {
+        reasons.push(Reason::new(
+            ReasonCode::ConfirmationDeclined,
+            "the user declined this purchase when asked to confirm it; do not retry it without asking them",
+        ));
+    }
+
     if !reasons.is_empty() {
         return Decision {
             outcome: Outcome::Declined,
@@ -156,6 +175,23 @@ pub fn evaluate(
                 ReasonCode::ApprovalRequired,
                 format!(
                     "purchases above {} need an administrator's approval; the amount is reserved while it waits",
+                    Money::new(threshold, currency)
+                ),
+            )],
+            reserve,
+            budgets: apply(budgets, reserve),
+        };
+    }
+    if let Some(threshold) = policy.require_confirmation_above
+        && amount.amount > threshold
+        && agent.confirmation != Confirmation::Confirmed
+    {
+        return Decision {
+            outcome: Outcome::PendingApproval,
+            reasons: vec![Reason::new(
+                ReasonCode::ConfirmationRequired,
+                format!(
+                    "purchases above {} need the user's confirmation, and it could not be asked here; an administrator must approve it (the amount is reserved while it waits)",
                     Money::new(threshold, currency)
                 ),
             )],

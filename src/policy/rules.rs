@@ -37,6 +37,11 @@ pub struct Policy {
     /// Purchases above this amount wait for an administrator (`pending_approval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_approval_above: Option<i64>,
+    /// Purchases above this amount need the confirmation of the human in front of the agent
+    /// (asked through MCP elicitation). Interfaces that cannot ask make them
+    /// `pending_approval` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_confirmation_above: Option<i64>,
     /// How long an approved card stays usable before it is canceled and its reservation
     /// released. Default 3600 s.
     #[serde(default = "default_card_ttl")]
@@ -136,6 +141,7 @@ pub struct CompiledPolicy {
     pub countries: ListRule,
     pub velocity: Vec<VelocityRule>,
     pub require_approval_above: Option<i64>,
+    pub require_confirmation_above: Option<i64>,
     pub card_ttl_seconds: u32,
     pub approval_ttl_seconds: u32,
     pub card_buffer_bps: u32,
@@ -154,6 +160,7 @@ impl Policy {
             countries: ListRule::default(),
             velocity: Vec::new(),
             require_approval_above: None,
+            require_confirmation_above: None,
             card_ttl_seconds: default_card_ttl(),
             approval_ttl_seconds: default_approval_ttl(),
             card_buffer_bps: default_buffer_bps(),
@@ -183,6 +190,14 @@ impl Policy {
         {
             err(
                 "require_approval_above".into(),
+                "must be zero or a positive amount in minor units",
+            );
+        }
+        if let Some(v) = self.require_confirmation_above
+            && !(0..=MAX_AMOUNT_MINOR * 1000).contains(&v)
+        {
+            err(
+                "require_confirmation_above".into(),
                 "must be zero or a positive amount in minor units",
             );
         }
@@ -326,6 +341,7 @@ impl Policy {
             countries,
             velocity: self.velocity.clone(),
             require_approval_above: self.require_approval_above,
+            require_confirmation_above: self.require_confirmation_above,
             card_ttl_seconds: self.card_ttl_seconds,
             approval_ttl_seconds: self.approval_ttl_seconds,
             card_buffer_bps: self.card_buffer_bps,

@@ -241,7 +241,16 @@ fn velocity_frozen_and_currency() {
         )),
         ["internal_error"]
     );
-    let d = evaluate(&p, &intent(100), &u, AgentState { frozen: true }, NOW);
+    let d = evaluate(
+        &p,
+        &intent(100),
+        &u,
+        AgentState {
+            frozen: true,
+            ..Default::default()
+        },
+        NOW,
+    );
     assert_eq!(codes(&d)[0], "agent_frozen");
 
     let mut r = request(100);

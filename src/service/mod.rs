@@ -12,7 +12,10 @@ use crate::domain::intent::PurchaseRequest;
 use crate::domain::money::Money;
 use crate::domain::time::UnixSeconds;
 use crate::issuer::{BillingAddress, CardSpec, IssuedCard, Issuer, IssuerError};
+pub use crate::policy::Confirmation;
+use crate::policy::Decision;
 use crate::policy::{Outcome, PolicyError, Reason, ReasonCode};
+pub use crate::store::DecideOptions as PurchaseOptions;
 use crate::store::{
     AgentKeyRecord, AgentRecord, AgentStatus, CardRef, Decided, IntentRecord, IntentStatus, Store,
     StoreError,
@@ -239,12 +242,42 @@ impl Service {
         request: PurchaseRequest,
         header_key: Option<&str>,
     ) -> Result<PurchaseOutcome, ServiceError> {
+        self.request_purchase_with(agent, request, header_key, PurchaseOptions::default())
+            .await
+    }
+
+    /// What deciding `request` now would give, without recording anything. Interfaces use
+    /// it to ask the human before a purchase that needs their confirmation.
+    pub fn preview_purchase(
+        &self,
+        agent: &AgentIdentity,
+        request: &PurchaseRequest,
+    ) -> Result<Decision, ServiceError> {
+        let intent = request.validate(None)?;
+        Ok(self.inner.store.preview(
+            &agent.agent_id,
+            &intent,
+            Confirmation::NotAsked,
+            self.now(),
+        )?)
+    }
+
+    /// `request_purchase` with the human's confirmation and, for a confirmed request, the
+    /// intent id allocated when they were asked (which makes the confirmation single-use).
+    pub async fn request_purchase_with(
+        &self,
+        agent: &AgentIdentity,
+        request: PurchaseRequest,
+        header_key: Option<&str>,
+        options: PurchaseOptions,
+    ) -> Result<PurchaseOutcome, ServiceError> {
         let intent = request.validate(header_key)?;
         let now = self.now();
         let store = self.inner.store.clone();
         let agent_id = agent.agent_id.clone();
         let decided =
-            blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id)).await?;
+            blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id, options))
+                .await?;
         match decided {
             Decided::Replay(rec) => {
                 let mut view = IntentView::from_record(&rec);

@@ -9,7 +9,7 @@ use crate::policy::{BudgetStatus, Reason};
 use crate::store::{IntentRecord, IntentStatus};
 
 /// The merchant as Roony understood it (normalized).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct MerchantView {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -24,7 +24,7 @@ pub struct MerchantView {
 
 /// A single-use virtual card. `number` and `cvc` are present only in the response that
 /// created the card (or an idempotent replay of it); Roony never stores them.
-#[derive(Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct CardView {
     /// Stripe card id (`ic_…`).
     pub id: String,
@@ -54,7 +54,9 @@ impl std::fmt::Debug for CardView {
 }
 
 /// Intent status as agents see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusView {
     /// Approved; the card is being created.
@@ -84,7 +86,7 @@ impl From<IntentStatus> for StatusView {
 }
 
 /// A purchase intent and its decision.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct IntentView {
     /// Intent id (`pur_…`).
     pub id: String,
@@ -156,7 +158,7 @@ impl IntentView {
 }
 
 /// A page of intents, newest first.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct IntentPage {
     pub data: Vec<IntentView>,
     pub has_more: bool,
@@ -166,7 +168,7 @@ pub struct IntentPage {
 }
 
 /// The agent's budgets right now.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct BudgetView {
     pub agent_id: String,
     pub currency: String,

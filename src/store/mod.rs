@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use crate::domain::intent::PurchaseIntent;
 use crate::domain::time::{Period, UnixSeconds};
 use crate::policy::{
-    self, AgentState, BudgetStatus, CompiledPolicy, Decision, Outcome, PolicyError, Reason,
-    ReasonCode, Usage,
+    self, AgentState, BudgetStatus, CompiledPolicy, Confirmation, Decision, Outcome, PolicyError,
+    Reason, ReasonCode, Usage,
 };
 pub use records::*;
 
@@ -81,6 +81,16 @@ db_err!(
 pub struct CachedAgent {
     pub record: AgentRecord,
     pub policy: Result<CompiledPolicy, Vec<PolicyError>>,
+}
+
+/// Options of one decision.
+#[derive(Clone, Debug, Default)]
+pub struct DecideOptions {
+    /// What the human said when asked to confirm (MCP elicitation).
+    pub confirmation: Confirmation,
+    /// Use this intent id (allocated when the human was asked). If an intent with this id
+    /// exists already, the call is a replay of it: a confirmation can be used only once.
+    pub intent_id: Option<String>,
 }
 
 /// What `decide` did.
@@ -235,9 +245,22 @@ impl Store {
         intent: PurchaseIntent,
         now: UnixSeconds,
         new_id: &dyn Fn() -> String,
+        options: DecideOptions,
     ) -> Result<Decided, StoreError> {
         let hash = request_hash(&intent);
         let mut tx = self.db.begin_write()?;
+        if let Some(preset) = options.intent_id.as_deref() {
+            let intents = tx.open_table(INTENTS)?;
+            let existing = intents.get(preset)?.map(|b| b.value().to_vec());
+            drop(intents);
+            if let Some(bytes) = existing {
+                let rec: IntentRecord = from_json("intent", &bytes)?;
+                if rec.agent_id != agent_id || rec.request_hash != hash {
+                    return Err(StoreError::IdempotencyMismatch);
+                }
+                return Ok(Decided::Replay(rec));
+            }
+        }
         let mut retry_of: Option<IntentRecord> = None;
         {
             if let Some(key) = intent.idempotency_key.as_deref() {
@@ -263,27 +286,13 @@ impl Store {
         }
 
         let agent = self.agent(agent_id)?;
-        let decision = match &agent {
-            None => Decision::error(ReasonCode::NoPolicy, "unknown agent; declined"),
-            Some(a) => match &a.policy {
-                Err(_) => Decision::error(
-                    ReasonCode::NoPolicy,
-                    "this agent's policy is invalid; declined until an administrator fixes it",
-                ),
-                Ok(p) => {
-                    let usage = read_usage(&tx, agent_id, p, now)?;
-                    policy::evaluate(
-                        p,
-                        &intent,
-                        &usage,
-                        AgentState {
-                            frozen: a.record.status == AgentStatus::Frozen,
-                        },
-                        now,
-                    )
-                }
-            },
-        };
+        let decision = decide_with(
+            &agent,
+            |p| read_usage(&tx, agent_id, p, now),
+            &intent,
+            options.confirmation,
+            now,
+        )?;
         let compiled = agent.as_ref().and_then(|a| a.policy.as_ref().ok());
 
         let (id, created, attempts, stripe_key) = match &retry_of {
@@ -294,7 +303,7 @@ impl Store {
                 r.stripe_idempotency_key.clone(),
             ),
             None => {
-                let id = new_id();
+                let id = options.intent_id.clone().unwrap_or_else(new_id);
                 let key = format!("roony-{id}-card");
                 (id, now, 0, key)
             }
@@ -366,6 +375,28 @@ impl Store {
         }
         tx.commit()?;
         Ok(Decided::New(record))
+    }
+
+    /// Evaluates `intent` against the current state without recording anything (used to
+    /// decide whether to ask the human before deciding for real).
+    pub fn preview(
+        &self,
+        agent_id: &str,
+        intent: &PurchaseIntent,
+        confirmation: Confirmation,
+        now: UnixSeconds,
+    ) -> Result<Decision, StoreError> {
+        let agent = self.agent(agent_id)?;
+        let tx = self.db.begin_read()?;
+        let usage = tx.open_table(USAGE)?;
+        let index = tx.open_table(AGENT_INTENTS)?;
+        decide_with(
+            &agent,
+            |p| usage_from(&usage, &index, agent_id, p, now),
+            intent,
+            confirmation,
+            now,
+        )
     }
 
     pub fn intent(&self, id: &str) -> Result<Option<IntentRecord>, StoreError> {
@@ -564,6 +595,38 @@ impl Store {
     }
 }
 
+/// Runs the policy for an agent, deny by default.
+fn decide_with(
+    agent: &Option<Arc<CachedAgent>>,
+    usage: impl FnOnce(&CompiledPolicy) -> Result<Usage, StoreError>,
+    intent: &PurchaseIntent,
+    confirmation: Confirmation,
+    now: UnixSeconds,
+) -> Result<Decision, StoreError> {
+    Ok(match agent {
+        None => Decision::error(ReasonCode::NoPolicy, "unknown agent; declined"),
+        Some(a) => match &a.policy {
+            Err(_) => Decision::error(
+                ReasonCode::NoPolicy,
+                "this agent's policy is invalid; declined until an administrator fixes it",
+            ),
+            Ok(p) => {
+                let usage = usage(p)?;
+                policy::evaluate(
+                    p,
+                    intent,
+                    &usage,
+                    AgentState {
+                        frozen: a.record.status == AgentStatus::Frozen,
+                        confirmation,
+                    },
+                    now,
+                )
+            }
+        },
+    })
+}
+
 fn read_usage(
     tx: &redb::WriteTransaction,
     agent_id: &str,
@@ -571,6 +634,17 @@ fn read_usage(
     now: UnixSeconds,
 ) -> Result<Usage, StoreError> {
     let usage = tx.open_table(USAGE)?;
+    let index = tx.open_table(AGENT_INTENTS)?;
+    usage_from(&usage, &index, agent_id, policy, now)
+}
+
+fn usage_from(
+    usage: &impl ReadableTable<(&'static str, &'static str, u8, i64), i64>,
+    index: &impl ReadableTable<(&'static str, i64, &'static str), ()>,
+    agent_id: &str,
+    policy: &CompiledPolicy,
+    now: UnixSeconds,
+) -> Result<Usage, StoreError> {
     let currency = policy.currency.code();
     let mut committed = [0i64; 4];
     for (i, p) in Period::ALL.iter().enumerate() {
@@ -578,7 +652,6 @@ fn read_usage(
             .get((agent_id, currency, p.tag(), p.bucket_start(now)))?
             .map_or(0, |v| v.value());
     }
-    let index = tx.open_table(AGENT_INTENTS)?;
     let mut velocity_counts = Vec::with_capacity(policy.velocity.len());
     for rule in &policy.velocity {
         let from = now - i64::from(rule.window_seconds) + 1;

@@ -94,7 +94,16 @@ fn reference_model() {
                     .filter(|(st, _)| *st == IntentStatus::Issuing || *st == IntentStatus::Approved)
                     .map(|(_, a)| a)
                     .sum();
-                let rec = new_record(s.decide("agt_1", intent(amount, None), T0, &ids).unwrap());
+                let rec = new_record(
+                    s.decide(
+                        "agt_1",
+                        intent(amount, None),
+                        T0,
+                        &ids,
+                        DecideOptions::default(),
+                    )
+                    .unwrap(),
+                );
                 let fits = model_committed + amount <= limit;
                 assert_eq!(rec.status == IntentStatus::Issuing, fits, "amount {amount}");
                 live.insert(rec.id.clone(), (rec.status, amount));
@@ -172,8 +181,14 @@ fn reservations_and_timers_survive_reopen() {
         let s = store(&dir);
         agent(&s, 10_000);
         let rec = new_record(
-            s.decide("agt_1", intent(4_000, Some("k1")), T0, &ids)
-                .unwrap(),
+            s.decide(
+                "agt_1",
+                intent(4_000, Some("k1")),
+                T0,
+                &ids,
+                DecideOptions::default(),
+            )
+            .unwrap(),
         );
         assert_eq!(rec.status, IntentStatus::Issuing);
         rec.id
@@ -193,18 +208,36 @@ fn idempotency_replays_and_detects_mismatch() {
     agent(&s, 10_000);
     let ids = counter();
     let first = new_record(
-        s.decide("agt_1", intent(1_000, Some("k")), T0, &ids)
-            .unwrap(),
+        s.decide(
+            "agt_1",
+            intent(1_000, Some("k")),
+            T0,
+            &ids,
+            DecideOptions::default(),
+        )
+        .unwrap(),
     );
     match s
-        .decide("agt_1", intent(1_000, Some("k")), T0, &ids)
+        .decide(
+            "agt_1",
+            intent(1_000, Some("k")),
+            T0,
+            &ids,
+            DecideOptions::default(),
+        )
         .unwrap()
     {
         Decided::Replay(r) => assert_eq!(r.id, first.id),
         Decided::New(_) => panic!("expected a replay"),
     }
     assert!(matches!(
-        s.decide("agt_1", intent(1_001, Some("k")), T0, &ids),
+        s.decide(
+            "agt_1",
+            intent(1_001, Some("k")),
+            T0,
+            &ids,
+            DecideOptions::default()
+        ),
         Err(StoreError::IdempotencyMismatch)
     ));
     assert_eq!(committed(&s), 1_000, "a replay reserves nothing more");
@@ -217,8 +250,14 @@ fn idempotency_replays_and_detects_mismatch() {
     .unwrap();
     assert_eq!(committed(&s), 0);
     let again = new_record(
-        s.decide("agt_1", intent(1_000, Some("k")), T0, &ids)
-            .unwrap(),
+        s.decide(
+            "agt_1",
+            intent(1_000, Some("k")),
+            T0,
+            &ids,
+            DecideOptions::default(),
+        )
+        .unwrap(),
     );
     assert_eq!(again.id, first.id);
     assert_eq!(again.stripe_idempotency_key, first.stripe_idempotency_key);
@@ -231,8 +270,14 @@ fn unknown_agent_is_declined_not_approved() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(&dir);
     let rec = new_record(
-        s.decide("agt_nobody", intent(100, None), T0, &counter())
-            .unwrap(),
+        s.decide(
+            "agt_nobody",
+            intent(100, None),
+            T0,
+            &counter(),
+            DecideOptions::default(),
+        )
+        .unwrap(),
     );
     assert_eq!(rec.status, IntentStatus::Declined);
     assert_eq!(rec.decision.reasons[0].code, ReasonCode::NoPolicy);

@@ -5,7 +5,7 @@ pub mod error;
 
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -19,7 +19,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::domain::intent::PurchaseRequest;
-use crate::service::{AgentIdentity, BudgetView, IntentPage, IntentView, Service, StatusView};
+use crate::service::{
+    AgentIdentity, BudgetView, IntentPage, IntentView, Service, ServiceError, StatusView,
+};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 /// Largest request body accepted, in bytes.
@@ -98,6 +100,18 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             )
         }
         other => ApiError::new(other.status(), "invalid_body", other.body_text()),
+    }
+}
+
+/// The `{id}` path segment. One axum cannot decode (e.g. `%FF`, not UTF-8) names no intent:
+/// a JSON 404 like any unknown id, instead of axum's `text/plain` 400.
+fn intent_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    match path {
+        Ok(Path(id)) => Ok(id),
+        Err(rejection) => {
+            tracing::debug!(error = %rejection, "undecodable intent id");
+            Err(ServiceError::NotFound.into())
+        }
     }
 }
 
@@ -216,8 +230,9 @@ async fn create_purchase_intent(
 async fn get_purchase_intent(
     State(state): State<AppState>,
     Agent(agent): Agent,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<IntentView>, ApiError> {
+    let id = intent_id(id)?;
     Ok(Json(state.service.get_purchase(&agent, &id)?))
 }
 
@@ -286,8 +301,9 @@ async fn list_purchase_intents(
 async fn cancel_purchase_intent(
     State(state): State<AppState>,
     Agent(agent): Agent,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<IntentView>, ApiError> {
+    let id = intent_id(id)?;
     Ok(Json(state.service.cancel_purchase(&agent, &id).await?))
 }
 

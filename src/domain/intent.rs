@@ -439,3 +439,29 @@ impl MerchantInput {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_item(quantity: serde_json::Value) -> Result<LineItemInput, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({
+            "description": "x", "quantity": quantity, "unit_amount": 100.0
+        }))
+    }
+
+    #[test]
+    fn whole_float_counts_and_amounts_are_integers() {
+        let item = line_item(serde_json::json!(2.0)).unwrap();
+        assert_eq!((item.quantity, item.unit_amount), (2, 100));
+        assert_eq!(line_item(serde_json::json!(3)).unwrap().quantity, 3);
+        for bad in [
+            serde_json::json!(1.5),
+            serde_json::json!(-1),
+            serde_json::json!(5e9),
+            serde_json::json!("2"),
+        ] {
+            assert!(line_item(bad.clone()).is_err(), "{bad}");
+        }
+    }
+}

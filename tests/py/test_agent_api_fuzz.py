@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "openapi" / "roony-agent.json"
 AGENT_KEY = "fuzz_agent_key_0123456789abcdef"
 SEED = 20261122
-MAX_EXAMPLES = 60
+MAX_EXAMPLES = 150
 SIDECAR_LISTENING = re.compile(r"sidecar listening on (https?://[^\s\x1b]+)")
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -226,6 +226,7 @@ class _Workflow(schema.as_state_machine()):
             excluded_checks=CHECKS["excluded_checks"],
             additional_checks=CHECKS["additional_checks"],
             transport_kwargs=kwargs,
+            recorder=self.recorder,  # for the checks that look back along the scenario
         )
 
 
@@ -298,3 +299,13 @@ def test_unauthenticated_requests_get_401(sidecar, headers, code):
         assert error["code"] in {"missing_agent_key", "invalid_agent_key"}, error
         assert error["code"] == code, f"{method} {path} with {headers}: {error}"
         assert error["message"]
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/{}"), ("POST", "/{}/cancel")])
+def test_undecodable_intent_id_is_a_json_404(sidecar, method, path):
+    """An id that is not UTF-8 (schemathesis only draws text) names no intent."""
+    url = sidecar + "/api/v1/purchase_intents" + path.format("pur_%FF")
+    r = requests.request(method, url, headers={"Authorization": f"Bearer {AGENT_KEY}"}, timeout=10)
+    assert r.status_code == 404, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "intent_not_found"

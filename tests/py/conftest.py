@@ -122,3 +122,31 @@ def spawn_module(roony_bin):
     spawner = Spawner(roony_bin)
     yield spawner.spawn
     spawner.close()
+
+
+SIDECAR_LISTENING = re.compile(r"sidecar listening on (https?://[^\s\x1b]+)")
+
+# Every local port `roony dev` opens, on 127.0.0.1:0 so that test runs never collide.
+DEV_PORT_FLAGS = ["--sidecar-listen", "127.0.0.1:0", "--emulator-listen", "127.0.0.1:0"]
+
+
+def start_dev(spawn, data_dir, agent_key, env=None, timeout=STARTUP_TIMEOUT_S):
+    """Start ``roony dev`` (emulator + sidecar) and return ``(proc, sidecar_base_url)``.
+
+    The emulator's line is printed first, so this waits for the sidecar's own line.
+    """
+    proc, _ = spawn(
+        ["dev", *DEV_PORT_FLAGS, "--data-dir", str(data_dir)],
+        env={"ROONY_DEV_AGENT_KEY": agent_key, "NO_COLOR": "1", **(env or {})},
+        timeout=timeout,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(proc.output):
+            match = SIDECAR_LISTENING.search(line)
+            if match:
+                return proc, match.group(1).rstrip("/")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    pytest.fail("roony dev did not print 'sidecar listening on …'. Output:\n" + "\n".join(proc.output))

@@ -23,7 +23,6 @@ minutes on two cores.
 import copy
 import json
 import re
-import time
 import zlib
 from pathlib import Path
 
@@ -33,12 +32,13 @@ import requests
 import schemathesis
 from schemathesis.checks import positive_data_acceptance as builtin_positive_data_acceptance
 
+from conftest import start_dev
+
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "openapi" / "roony-agent.json"
 AGENT_KEY = "fuzz_agent_key_0123456789abcdef"
 SEED = 20261122
 MAX_EXAMPLES = 150
-SIDECAR_LISTENING = re.compile(r"sidecar listening on (https?://[^\s\x1b]+)")
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 PURCHASE = ("POST", "/api/v1/purchase_intent")
@@ -177,29 +177,8 @@ CHECKS = dict(
 
 
 def _start_sidecar(spawn, data_dir):
-    """Start `roony dev`; return the sidecar's base URL (not the emulator's, printed first)."""
-    proc, _ = spawn(
-        [
-            "dev",
-            "--sidecar-listen",
-            "127.0.0.1:0",
-            "--emulator-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-        ],
-        env={"ROONY_DEV_AGENT_KEY": AGENT_KEY, "NO_COLOR": "1"},
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in list(proc.output):
-            match = SIDECAR_LISTENING.search(line)
-            if match:
-                return match.group(1).rstrip("/")
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    pytest.fail("roony dev did not print 'sidecar listening on …'. Output:\n" + "\n".join(proc.output))
+    """Start `roony dev`; return the sidecar's base URL."""
+    return start_dev(spawn, data_dir, AGENT_KEY)[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ handshake). The sidecar is a real ``roony dev`` (emulator + sidecar) per test mo
 """
 
 import asyncio
-import json
 import os
-import re
-import time
 import uuid
 
 import httpx2
@@ -21,28 +18,17 @@ from mcp import Client, StdioServerParameters
 from mcp import types
 from mcp.client.streamable_http import streamable_http_client
 
+from conftest import start_dev
+
 AGENT_KEY = "roony-mcp-test-key-0123456789"
-SIDECAR_LISTENING = re.compile(r"sidecar listening on (https?://[^\s\x1b]+)")
 TRANSPORTS = ["stdio", "http"]
 MODES = ["auto", "legacy"]
 EXPECTED_PROTOCOL = {"auto": "2026-07-28", "legacy": "2025-11-25"}
 
 
 @pytest.fixture(scope="module")
-def sidecar(spawn_module, tmp_path_factory, roony_bin):
-    data = tmp_path_factory.mktemp("roony-mcp")
-    proc, _ = spawn_module(
-        ["dev", "--sidecar-listen", "127.0.0.1:0", "--emulator-listen", "127.0.0.1:0", "--data-dir", str(data)],
-        env={"ROONY_DEV_AGENT_KEY": AGENT_KEY},
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in list(proc.output):
-            m = SIDECAR_LISTENING.search(line)
-            if m:
-                return m.group(1).rstrip("/")
-        time.sleep(0.05)
-    pytest.fail("roony dev did not print 'sidecar listening on'. Output:\n" + "\n".join(proc.output))
+def sidecar(spawn_module, tmp_path_factory):
+    return start_dev(spawn_module, tmp_path_factory.mktemp("roony-mcp"), AGENT_KEY)[1]
 
 
 def client(transport, mode, sidecar, roony_bin, elicitation_callback=None, key=AGENT_KEY):

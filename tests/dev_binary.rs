@@ -104,6 +104,39 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
     assert_eq!(r.status(), 200);
     let pan2 = first["card"]["number"].as_str().unwrap().to_string();
 
+    // And once through MCP (streamable HTTP, 2026-07-28 stateless request): rmcp logs whole
+    // responses at debug level, which would include the card.
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "request_purchase",
+        "arguments": {"amount": 900, "currency": "usd", "merchant": {"name": "Shop", "url": "https://shop.example"}, "description": "via mcp"},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    }});
+    let r = client
+        .post(format!("{base}/mcp"))
+        .bearer_auth(key)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "request_purchase")
+        .json(&call)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let event = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|d| d.contains("\"result\""))
+        .map(str::to_string)
+        .unwrap_or(text.clone());
+    let mcp: Value = serde_json::from_str(&event).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let pan3 = mcp["result"]["structuredContent"]["card"]["number"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no card in {mcp}"))
+        .to_string();
+
     // Stop gracefully so everything is flushed, then scan.
     sigterm(child.0.id());
     let mut child = child;
@@ -127,7 +160,7 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
             .read_to_end(&mut bytes)
             .unwrap();
         let text = String::from_utf8_lossy(&bytes);
-        for secret in [&pan, &pan2] {
+        for secret in [&pan, &pan2, &pan3] {
             assert!(
                 !text.contains(secret.as_str()),
                 "card number found in {}",

@@ -314,7 +314,14 @@ impl RoonyMcp {
         }
 
         let preview = match self.service.preview_purchase(&agent, &req) {
-            Ok(d) => d,
+            Ok(Some(d)) => d,
+            // A retry of a recorded request: replay it without asking again.
+            Ok(None) => {
+                return Ok(self
+                    .decide(&agent, req, Confirmation::NotAsked, None)
+                    .await
+                    .into());
+            }
             Err(e) => return Ok(service_error(e).into()),
         };
         let needs_confirmation = preview.outcome == Outcome::PendingApproval

@@ -246,20 +246,31 @@ impl Service {
             .await
     }
 
-    /// What deciding `request` now would give, without recording anything. Interfaces use
-    /// it to ask the human before a purchase that needs their confirmation.
+    /// What deciding `request` now would give, without recording anything (`None` when its
+    /// idempotency key names a recorded intent, which will be replayed). Interfaces use it
+    /// to ask the human before a purchase that needs their confirmation.
     pub fn preview_purchase(
         &self,
         agent: &AgentIdentity,
         request: &PurchaseRequest,
-    ) -> Result<Decision, ServiceError> {
+    ) -> Result<Option<Decision>, ServiceError> {
         let intent = request.validate(None)?;
-        Ok(self.inner.store.preview(
+        if let Some(key) = intent.idempotency_key.as_deref()
+            && self
+                .inner
+                .store
+                .intent_for_key(&agent.agent_id, key)?
+                .is_some()
+        {
+            // A retry of a recorded request: it will be replayed, not decided again.
+            return Ok(None);
+        }
+        Ok(Some(self.inner.store.preview(
             &agent.agent_id,
             &intent,
             Confirmation::NotAsked,
             self.now(),
-        )?)
+        )?))
     }
 
     /// `request_purchase` with the human's confirmation and, for a confirmed request, the

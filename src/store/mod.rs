@@ -377,6 +377,13 @@ impl Store {
         Ok(Decided::New(record))
     }
 
+    /// The intent an agent's idempotency key already names, if any.
+    pub fn intent_for_key(&self, agent_id: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let idem = tx.open_table(IDEMPOTENCY)?;
+        Ok(idem.get((agent_id, key))?.map(|v| v.value().to_string()))
+    }
+
     /// Evaluates `intent` against the current state without recording anything (used to
     /// decide whether to ask the human before deciding for real).
     pub fn preview(

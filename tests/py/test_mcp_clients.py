@@ -175,7 +175,8 @@ def test_human_confirms_above_threshold(transport, mode, sidecar, roony_bin):
     async def scenario():
         callback, seen = approve_with(True)
         async with client(transport, mode, sidecar, roony_bin, elicitation_callback=callback) as c:
-            r = await c.call_tool("request_purchase", purchase(8000))
+            args = purchase(8000)
+            r = await c.call_tool("request_purchase", args)
             assert not r.is_error, r.content
             assert r.structured_content["status"] == "approved"
             assert luhn(r.structured_content["card"]["number"])
@@ -184,6 +185,10 @@ def test_human_confirms_above_threshold(transport, mode, sidecar, roony_bin):
             assert "USD 80.00" in message and "Namecheap" in message
             # Only a yes/no is asked — never card data.
             assert set(seen[0].requested_schema["properties"]) == {"approve"}
+            # A retry with the same idempotency key replays the purchase without asking again.
+            again = await c.call_tool("request_purchase", args)
+            assert again.structured_content["id"] == r.structured_content["id"]
+            assert len(seen) == 1
             await c.call_tool("cancel_purchase", {"id": r.structured_content["id"]})
 
     run(scenario())

@@ -133,6 +133,8 @@ fn main() {
                 "127.0.0.1:0",
                 "--emulator-listen",
                 "127.0.0.1:0",
+                "--control-plane-listen",
+                "127.0.0.1:0",
             ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))

@@ -1,5 +1,5 @@
-//! Command line: `roony sidecar`, `roony stripe-emulator`, `roony dev`, `roony agent create`,
-//! `roony openapi`.
+//! Command line: `roony sidecar`, `roony control-plane`, `roony stripe-emulator`, `roony dev`,
+//! `roony agent create`, `roony openapi`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the sidecar next to an agent: the agent API, policy decisions and card issuing.
     Sidecar(SidecarArgs),
+    /// Run the control plane: the admin API over SQLite (default) or PostgreSQL.
+    ControlPlane(ControlArgs),
     /// MCP over stdio for clients that launch a command: forwards to the running sidecar.
     /// Reads ROONY_AGENT_KEY and ROONY_SIDECAR_URL (default http://127.0.0.1:8787).
     Mcp(McpArgs),
@@ -67,6 +69,38 @@ pub struct SidecarArgs {
     pub stripe: StripeArgs,
     #[command(flatten)]
     pub mcp: McpHostArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    #[arg(
+        long,
+        env = "ROONY_CONTROL_PLANE_LISTEN",
+        default_value = crate::control::DEFAULT_LISTEN
+    )]
+    pub listen: SocketAddr,
+    /// Where the default SQLite database (control.db) lives.
+    #[arg(long, env = "ROONY_DATA_DIR", default_value = ".roony/control-plane")]
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH?mode=rwc` or `postgres://USER:PASSWORD@HOST/DB` (default: SQLite in
+    /// --data-dir).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Make sure an admin token with this value exists (at least 20 characters).
+    #[arg(long, env = "ROONY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl ControlArgs {
+    pub fn config(&self) -> crate::control::ControlConfig {
+        let mut c = crate::control::ControlConfig::sqlite_in(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            c.database_url = url.clone();
+        }
+        c.listen = self.listen;
+        c.bootstrap_admin_token = self.admin_token.clone();
+        c
+    }
 }
 
 #[derive(Args, Debug)]
@@ -207,6 +241,24 @@ async fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             eprintln!("roony: sidecar listening on http://{}", running.addr);
             wait_server(running.server).await
+        }
+        Command::ControlPlane(args) => {
+            let config = args.config();
+            let db = crate::control::open(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            eprintln!(
+                "roony: control plane database {}",
+                crate::control::redact_url(&config.database_url)
+            );
+            eprintln!("roony: control plane listening on http://{addr}");
+            crate::control::serve_db(db, listener, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
         }
         Command::StripeEmulator(args) => {
             let listener = tokio::net::TcpListener::bind(args.listen)

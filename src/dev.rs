@@ -1,4 +1,5 @@
-//! `roony dev`: the Stripe emulator and a sidecar in one process, with a demo agent.
+//! `roony dev`: the Stripe emulator, a sidecar and the control plane in one process, with a
+//! demo agent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,14 @@ pub struct DevArgs {
         default_value = "127.0.0.1:12111"
     )]
     pub emulator_listen: SocketAddr,
+    /// Control plane address (default 127.0.0.1:8788). When not given and the default is
+    /// taken, `roony dev` runs without the control plane and says so.
+    #[arg(long, env = "ROONY_DEV_CONTROL_PLANE_LISTEN")]
+    pub control_plane_listen: Option<SocketAddr>,
+    /// Admin API token for the control plane (at least 20 characters); generated and
+    /// printed when absent.
+    #[arg(long, env = "ROONY_DEV_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Where state lives.
     #[arg(long, env = "ROONY_DEV_DATA_DIR", default_value = ".roony/dev")]
     pub data_dir: PathBuf,
@@ -85,6 +94,44 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Emulator::new(EmulatorConfig::default()).serve(emulator_listener, stopped(stop_rx.clone())),
     );
 
+    let control_config = {
+        let mut c = crate::control::ControlConfig::sqlite_in(&args.data_dir.join("control-plane"));
+        if let Some(listen) = args.control_plane_listen {
+            c.listen = listen;
+        }
+        c.bootstrap_admin_token = Some(
+            args.admin_token
+                .clone()
+                .unwrap_or_else(crate::control::generate_admin_token),
+        );
+        c.bootstrap_admin_name = "dev".into();
+        c
+    };
+    let control_db = crate::control::open(&control_config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let control = match tokio::net::TcpListener::bind(control_config.listen).await {
+        Ok(listener) => {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let task = tokio::spawn(crate::control::serve_db(
+                control_db,
+                listener,
+                stopped(stop_rx.clone()),
+            ));
+            Some((addr, task))
+        }
+        Err(e) if args.control_plane_listen.is_none() => {
+            eprintln!(
+                "roony: control plane not started: cannot listen on {}: {e} (choose another \
+                 address with --control-plane-listen)",
+                control_config.listen
+            );
+            control_db.close().await;
+            None
+        }
+        Err(e) => return Err(format!("cannot listen on {}: {e}", control_config.listen)),
+    };
+
     let config = SidecarConfig {
         listen: args.sidecar_listen,
         data_dir: args.data_dir.join("sidecar"),
@@ -114,6 +161,22 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let base = format!("http://{}", running.addr);
     eprintln!("roony: stripe emulator listening on http://{emulator_addr}");
     eprintln!("roony: sidecar listening on {base}");
+    let admin_token = control_config
+        .bootstrap_admin_token
+        .as_deref()
+        .unwrap_or_default();
+    let control_text = match &control {
+        Some((addr, _)) => {
+            eprintln!("roony: control plane listening on http://{addr}");
+            format!(
+                "Control plane:   http://{addr}/api/admin/v1 (spec at /api/admin/v1/openapi.json;\n                 \
+                 not yet synced with the sidecar)\n\
+                 Admin token:     {admin_token}\n\
+                 List projects:   curl -s http://{addr}/api/admin/v1/projects -H 'Authorization: Bearer {admin_token}'\n"
+            )
+        }
+        None => "Control plane:   not running (its address was taken)\n".to_string(),
+    };
     println!(
         "\nRoony is running (data in {}).\n\n\
          Demo agent: {DEMO_AGENT_ID} — USD 100.00 per purchase, USD 250.00 a day, no gambling,\n\
@@ -124,7 +187,8 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
          -d '{{\"amount\":1200,\"currency\":\"usd\",\"merchant\":{{\"name\":\"Namecheap\",\"url\":\"https://www.namecheap.com\",\"country\":\"US\"}},\"description\":\"one domain for a year\"}}'\n\n\
          See the budget:  curl -s {base}/api/v1/budget -H 'Authorization: Bearer {key}'\n\
          API spec:        {base}/openapi.json\n\
-         MCP:             {base}/mcp (streamable HTTP, same key), or `roony mcp` over stdio\n\
+         MCP:             {base}/mcp (streamable HTTP, same key), or `roony mcp` over stdio\n\n\
+         {control_text}\n\
          Stop with Ctrl-C.\n",
         args.data_dir.display()
     );
@@ -132,6 +196,13 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     shutdown_on_signal(stop_tx).await;
     crate::cli::wait_server(running.server).await?;
     running.background.abort();
+    if let Some((_, task)) = control {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("control plane failed: {e}")),
+            Err(e) => return Err(format!("control plane task failed: {e}")),
+        }
+    }
     match emulator.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("emulator failed: {e}")),

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod control;
 pub mod dev;
 pub mod domain;
 pub mod emulator;

@@ -57,6 +57,8 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
                 "127.0.0.1:0",
                 "--emulator-listen",
                 "127.0.0.1:0",
+                "--control-plane-listen",
+                "127.0.0.1:0",
             ])
             .arg("--data-dir")
             .arg(&data)

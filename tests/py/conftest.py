@@ -127,7 +127,14 @@ def spawn_module(roony_bin):
 SIDECAR_LISTENING = re.compile(r"sidecar listening on (https?://[^\s\x1b]+)")
 
 # Every local port `roony dev` opens, on 127.0.0.1:0 so that test runs never collide.
-DEV_PORT_FLAGS = ["--sidecar-listen", "127.0.0.1:0", "--emulator-listen", "127.0.0.1:0"]
+DEV_PORT_FLAGS = [
+    "--sidecar-listen",
+    "127.0.0.1:0",
+    "--emulator-listen",
+    "127.0.0.1:0",
+    "--control-plane-listen",
+    "127.0.0.1:0",
+]
 
 
 def start_dev(spawn, data_dir, agent_key, env=None, timeout=STARTUP_TIMEOUT_S):

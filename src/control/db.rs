@@ -1,0 +1,1455 @@
+//! The control plane's database: SQLite (a file, the default) or PostgreSQL, chosen by the
+//! URL, through one `sqlx::AnyPool` and one set of migrations (`migrations/`).
+//!
+//! Queries are plain `sqlx::query` with `$1`-style placeholders, which both sqlx drivers
+//! accept. Ids are generated here (`crate::service::ids::new_id`), times are Unix seconds,
+//! money is `i64` minor units plus a currency code, JSON documents are TEXT.
+
+use std::borrow::Cow;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
+
+use super::model::{
+    Agent, AgentKey, AuditEvent, Budget, BudgetScope, Cursor, Decision, Intent, NewDecision,
+    NewIntent, Organization, Page, PolicyRevision, Project,
+};
+use crate::service::ids::new_id;
+
+/// The embedded migrations, in order. The files live in `migrations/` at the repository root.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "control plane",
+    include_str!("../../migrations/0001_control_plane.sql"),
+)];
+
+/// Which database a [`ControlDb`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("unsupported database url: {0}")]
+    InvalidUrl(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(sqlx::Error),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e
+            && db.kind() == sqlx::error::ErrorKind::UniqueViolation
+        {
+            return DbError::Conflict(db.message().to_lowercase());
+        }
+        DbError::Sql(e)
+    }
+}
+
+/// Who did something: written into audit events (and as the author of policy revisions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// `admin_token` or `system`.
+    pub kind: &'static str,
+    pub id: String,
+    /// Human-readable name (the admin token's name).
+    pub name: String,
+    pub request_id: Option<String>,
+}
+
+impl Actor {
+    pub fn system() -> Actor {
+        Actor {
+            kind: "system",
+            id: "system".into(),
+            name: "system".into(),
+            request_id: None,
+        }
+    }
+}
+
+/// A stored admin token (its hash only).
+#[derive(Clone, Debug)]
+pub struct AdminTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub token_hash: String,
+    pub revoked: bool,
+}
+
+/// Filters for listing agents.
+#[derive(Clone, Debug, Default)]
+pub struct AgentFilter {
+    pub org_id: Option<String>,
+    pub project_id: Option<String>,
+    pub status: Option<String>,
+}
+
+/// Filters for listing intents and decisions. `status` filters intents by status and
+/// decisions by outcome; the created range is inclusive of `created_from` and exclusive of
+/// `created_to` (Unix seconds).
+#[derive(Clone, Debug, Default)]
+pub struct LedgerFilter {
+    pub org_id: Option<String>,
+    pub project_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub status: Option<String>,
+    pub created_from: Option<i64>,
+    pub created_to: Option<i64>,
+}
+
+/// Filters for listing audit events (`created_*` as in [`LedgerFilter`]).
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    pub actor_type: Option<String>,
+    pub actor_id: Option<String>,
+    pub action: Option<String>,
+    pub created_from: Option<i64>,
+    pub created_to: Option<i64>,
+}
+
+#[derive(Clone, Debug)]
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// A `WHERE` clause built from optional filters with numbered placeholders.
+#[derive(Default)]
+struct Where {
+    clauses: Vec<String>,
+    args: Vec<Arg>,
+}
+
+impl Where {
+    fn next(&self) -> usize {
+        self.args.len() + 1
+    }
+
+    fn eq_text(&mut self, column: &str, value: &Option<String>) {
+        if let Some(v) = value {
+            let n = self.next();
+            self.clauses.push(format!("{column} = ${n}"));
+            self.args.push(Arg::Text(v.clone()));
+        }
+    }
+
+    fn cmp_int(&mut self, column: &str, op: &str, value: Option<i64>) {
+        if let Some(v) = value {
+            let n = self.next();
+            self.clauses.push(format!("{column} {op} ${n}"));
+            self.args.push(Arg::Int(v));
+        }
+    }
+
+    /// Newest first: rows strictly after the cursor in `(created_at DESC, id DESC)` order.
+    fn before_cursor(&mut self, cursor: &Option<Cursor>) {
+        if let Some(c) = cursor {
+            let a = self.next();
+            let b = a + 1;
+            let c2 = a + 2;
+            self.clauses.push(format!(
+                "(created_at < ${a} OR (created_at = ${b} AND id < ${c2}))"
+            ));
+            self.args.push(Arg::Int(c.created_at));
+            self.args.push(Arg::Int(c.created_at));
+            self.args.push(Arg::Text(c.id.clone()));
+        }
+    }
+
+    fn sql(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s),
+            Arg::Int(i) => q.bind(i),
+        };
+    }
+    q
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlDb {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// `sqlite://<dir>/control.db?mode=rwc`, the default database of a data directory.
+pub fn default_sqlite_url(data_dir: &std::path::Path) -> String {
+    const PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'?')
+        .add(b'#')
+        .add(b'%');
+    let path = data_dir.join("control.db");
+    let text = path.to_string_lossy();
+    format!(
+        "sqlite://{}?mode=rwc",
+        percent_encoding::utf8_percent_encode(&text, PATH)
+    )
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    (*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+impl ControlDb {
+    /// Opens (creating if needed) the database at `url` and applies the migrations.
+    pub async fn open(url: &str) -> Result<ControlDb, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            return Err(DbError::InvalidUrl(format!(
+                "scheme `{scheme}` (use sqlite:// or postgres://)"
+            )));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 10,
+            })
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        if backend == Backend::Sqlite {
+            // Persistent in the file: readers never block the writer.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        migrator().run(&pool).await?;
+        Ok(ControlDb { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A round trip to the database (health checks).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
+    /// a read-then-write transaction never fails to upgrade its lock.
+    async fn tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Names of the tables the migrations created (for tests and diagnostics).
+    pub async fn table_names(&self) -> Result<Vec<String>, DbError> {
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            }
+            Backend::Postgres => {
+                "SELECT CAST(table_name AS TEXT) AS name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY name"
+            }
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("name").map_err(DbError::from))
+            .collect()
+    }
+
+    /// Names of the indexes on the migrated tables.
+    pub async fn index_names(&self) -> Result<Vec<String>, DbError> {
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            }
+            Backend::Postgres => {
+                "SELECT CAST(indexname AS TEXT) AS name FROM pg_indexes WHERE schemaname = current_schema() ORDER BY name"
+            }
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("name").map_err(DbError::from))
+            .collect()
+    }
+
+    // ----- audit -----------------------------------------------------------------------
+
+    async fn audit(
+        conn: &mut sqlx::AnyConnection,
+        actor: &Actor,
+        action: &str,
+        target_type: &str,
+        target_id: &str,
+        details: serde_json::Value,
+        now: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'success', $7, $8, $9)",
+        )
+        .bind(new_id("aud"))
+        .bind(actor.kind)
+        .bind(actor.id.clone())
+        .bind(action.to_string())
+        .bind(target_type.to_string())
+        .bind(target_id.to_string())
+        .bind(actor.request_id.clone())
+        .bind(now)
+        .bind(details.to_string())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Audit events about one target (or all, newest first), at most `limit`.
+    pub async fn list_audit_events(
+        &self,
+        target: Option<(&str, &str)>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, DbError> {
+        let filter = AuditFilter {
+            target_type: target.map(|(t, _)| t.to_string()),
+            target_id: target.map(|(_, id)| id.to_string()),
+            ..Default::default()
+        };
+        Ok(self.list_audit_page(&filter, limit, None).await?.items)
+    }
+
+    /// Audit events, newest first, one page.
+    pub async fn list_audit_page(
+        &self,
+        filter: &AuditFilter,
+        limit: i64,
+        cursor: Option<Cursor>,
+    ) -> Result<Page<AuditEvent>, DbError> {
+        let mut w = Where::default();
+        w.eq_text("target_type", &filter.target_type);
+        w.eq_text("target_id", &filter.target_id);
+        w.eq_text("actor_type", &filter.actor_type);
+        w.eq_text("actor_id", &filter.actor_id);
+        w.eq_text("action", &filter.action);
+        w.cmp_int("created_at", ">=", filter.created_from);
+        w.cmp_int("created_at", "<", filter.created_to);
+        w.before_cursor(&cursor);
+        let n = w.next();
+        let sql = format!(
+            "SELECT id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details \
+             FROM audit_events{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
+            w.sql()
+        );
+        let mut args = w.args;
+        args.push(Arg::Int(limit + 1));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(audit_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(items, limit, |e| Cursor {
+            created_at: e.created_at,
+            id: e.id.clone(),
+        }))
+    }
+
+    // ----- organizations and projects ---------------------------------------------------
+
+    /// The default organization, created at first start.
+    pub async fn ensure_default_org(&self, now: i64) -> Result<Organization, DbError> {
+        if let Some(org) = self.default_org().await? {
+            return Ok(org);
+        }
+        let id = new_id("org");
+        let mut tx = self.tx().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO organizations (id, name, is_default, created_at) VALUES ($1, 'default', 1, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            Self::audit(
+                &mut tx,
+                &Actor::system(),
+                "organization.create",
+                "organization",
+                &id,
+                serde_json::json!({"name": "default", "default": true}),
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.default_org()
+            .await?
+            .ok_or(DbError::NotFound("default organization"))
+    }
+
+    pub async fn default_org(&self) -> Result<Option<Organization>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, name, is_default, created_at FROM organizations WHERE is_default = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    pub async fn create_org(
+        &self,
+        name: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Organization, DbError> {
+        let org = Organization {
+            id: new_id("org"),
+            name: name.to_string(),
+            is_default: false,
+            created_at: now,
+        };
+        let mut tx = self.tx().await?;
+        sqlx::query(
+            "INSERT INTO organizations (id, name, is_default, created_at) VALUES ($1, $2, 0, $3)",
+        )
+        .bind(org.id.clone())
+        .bind(org.name.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "organization.create",
+            "organization",
+            &org.id,
+            serde_json::json!({"name": name}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(org)
+    }
+
+    pub async fn get_org(&self, id: &str) -> Result<Organization, DbError> {
+        let row =
+            sqlx::query("SELECT id, name, is_default, created_at FROM organizations WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(DbError::NotFound("organization"))?;
+        org_from_row(&row)
+    }
+
+    pub async fn list_orgs(&self) -> Result<Vec<Organization>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, name, is_default, created_at FROM organizations ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(org_from_row).collect()
+    }
+
+    pub async fn create_project(
+        &self,
+        org_id: &str,
+        name: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Project, DbError> {
+        let project = Project {
+            id: new_id("prj"),
+            org_id: org_id.to_string(),
+            name: name.to_string(),
+            created_at: now,
+        };
+        let mut tx = self.tx().await?;
+        let exists = sqlx::query("SELECT id FROM organizations WHERE id = $1")
+            .bind(org_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(DbError::NotFound("organization"));
+        }
+        sqlx::query("INSERT INTO projects (id, org_id, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(project.id.clone())
+            .bind(project.org_id.clone())
+            .bind(project.name.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "project.create",
+            "project",
+            &project.id,
+            serde_json::json!({"org_id": org_id, "name": name}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(project)
+    }
+
+    pub async fn get_project(&self, id: &str) -> Result<Project, DbError> {
+        let row = sqlx::query("SELECT id, org_id, name, created_at FROM projects WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NotFound("project"))?;
+        project_from_row(&row)
+    }
+
+    pub async fn list_projects(&self, org_id: Option<&str>) -> Result<Vec<Project>, DbError> {
+        let mut w = Where::default();
+        w.eq_text("org_id", &org_id.map(str::to_string));
+        let sql = format!(
+            "SELECT id, org_id, name, created_at FROM projects{} ORDER BY created_at, id",
+            w.sql()
+        );
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), w.args)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(project_from_row).collect()
+    }
+
+    // ----- agents and keys --------------------------------------------------------------
+
+    /// Creates an agent in a project with its first key (hash only).
+    pub async fn create_agent(
+        &self,
+        project_id: &str,
+        agent_id: Option<&str>,
+        name: &str,
+        key: &crate::auth::NewKey,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Agent, DbError> {
+        let mut tx = self.tx().await?;
+        let project =
+            sqlx::query("SELECT id, org_id, name, created_at FROM projects WHERE id = $1")
+                .bind(project_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(DbError::NotFound("project"))?;
+        let project = project_from_row(&project)?;
+        let agent = Agent {
+            id: agent_id.map_or_else(|| new_id("agt"), str::to_string),
+            org_id: project.org_id,
+            project_id: project.id,
+            name: name.to_string(),
+            status: "active".into(),
+            frozen_reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        sqlx::query(
+            "INSERT INTO agents (id, org_id, project_id, name, status, frozen_reason, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'active', NULL, $5, $5)",
+        )
+        .bind(agent.id.clone())
+        .bind(agent.org_id.clone())
+        .bind(agent.project_id.clone())
+        .bind(agent.name.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_key(&mut tx, &agent.id, key, now).await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "agent.create",
+            "agent",
+            &agent.id,
+            serde_json::json!({"project_id": agent.project_id, "name": name, "key_id": key.key_id}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn insert_key(
+        conn: &mut sqlx::AnyConnection,
+        agent_id: &str,
+        key: &crate::auth::NewKey,
+        now: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO agent_keys (key_id, agent_id, key_hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, NULL)",
+        )
+        .bind(key.key_id.clone())
+        .bind(agent_id.to_string())
+        .bind(key.hash.clone())
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_agent(&self, id: &str) -> Result<Agent, DbError> {
+        let row = sqlx::query(
+            "SELECT id, org_id, project_id, name, status, frozen_reason, created_at, updated_at FROM agents WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound("agent"))?;
+        agent_from_row(&row)
+    }
+
+    pub async fn list_agents(
+        &self,
+        filter: &AgentFilter,
+        limit: i64,
+        cursor: Option<Cursor>,
+    ) -> Result<Page<Agent>, DbError> {
+        let mut w = Where::default();
+        w.eq_text("org_id", &filter.org_id);
+        w.eq_text("project_id", &filter.project_id);
+        w.eq_text("status", &filter.status);
+        w.before_cursor(&cursor);
+        let n = w.next();
+        let sql = format!(
+            "SELECT id, org_id, project_id, name, status, frozen_reason, created_at, updated_at FROM agents{} \
+             ORDER BY created_at DESC, id DESC LIMIT ${n}",
+            w.sql()
+        );
+        let mut args = w.args;
+        args.push(Arg::Int(limit + 1));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(agent_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(items, limit, |a| Cursor {
+            created_at: a.created_at,
+            id: a.id.clone(),
+        }))
+    }
+
+    pub async fn list_agent_keys(&self, agent_id: &str) -> Result<Vec<AgentKey>, DbError> {
+        self.get_agent(agent_id).await?;
+        let rows = sqlx::query(
+            "SELECT key_id, agent_id, created_at, revoked_at FROM agent_keys WHERE agent_id = $1 ORDER BY created_at, key_id",
+        )
+        .bind(agent_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    /// The stored hash of a key (for verification by sidecars, later through sync).
+    pub async fn agent_key_hash(&self, key_id: &str) -> Result<(String, String, bool), DbError> {
+        let row =
+            sqlx::query("SELECT agent_id, key_hash, revoked_at FROM agent_keys WHERE key_id = $1")
+                .bind(key_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(DbError::NotFound("agent key"))?;
+        Ok((
+            row.try_get("agent_id")?,
+            row.try_get("key_hash")?,
+            row.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+        ))
+    }
+
+    /// Revokes every active key of the agent and adds `key`.
+    pub async fn rotate_agent_key(
+        &self,
+        agent_id: &str,
+        key: &crate::auth::NewKey,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Vec<String>, DbError> {
+        let mut tx = self.tx().await?;
+        Self::lock_agent(&mut tx, agent_id, now).await?;
+        let revoked = sqlx::query(
+            "UPDATE agent_keys SET revoked_at = $1 WHERE agent_id = $2 AND revoked_at IS NULL RETURNING key_id",
+        )
+        .bind(now)
+        .bind(agent_id.to_string())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("key_id"))
+        .collect::<Result<Vec<_>, _>>()?;
+        Self::insert_key(&mut tx, agent_id, key, now).await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "agent.key.rotate",
+            "agent",
+            agent_id,
+            serde_json::json!({"new_key_id": key.key_id, "revoked_key_ids": revoked}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    pub async fn revoke_agent_key(
+        &self,
+        agent_id: &str,
+        key_id: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<AgentKey, DbError> {
+        let mut tx = self.tx().await?;
+        Self::lock_agent(&mut tx, agent_id, now).await?;
+        let row = sqlx::query(
+            "SELECT key_id, agent_id, created_at, revoked_at FROM agent_keys WHERE key_id = $1 AND agent_id = $2",
+        )
+        .bind(key_id.to_string())
+        .bind(agent_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(DbError::NotFound("agent key"))?;
+        let mut key = key_from_row(&row)?;
+        if key.revoked_at.is_some() {
+            return Err(DbError::Conflict("the key is already revoked".into()));
+        }
+        sqlx::query("UPDATE agent_keys SET revoked_at = $1 WHERE key_id = $2")
+            .bind(now)
+            .bind(key_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "agent.key.revoke",
+            "agent",
+            agent_id,
+            serde_json::json!({"key_id": key_id}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        key.revoked_at = Some(now);
+        Ok(key)
+    }
+
+    /// Touches the agent row (serializing concurrent changes to it) or reports it missing.
+    async fn lock_agent(
+        conn: &mut sqlx::AnyConnection,
+        agent_id: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let n = sqlx::query("UPDATE agents SET updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(agent_id.to_string())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(DbError::NotFound("agent"));
+        }
+        Ok(())
+    }
+
+    /// Freezes (`Some(reason)`) or unfreezes (`None`) an agent.
+    pub async fn set_agent_frozen(
+        &self,
+        agent_id: &str,
+        frozen: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Agent, DbError> {
+        let mut tx = self.tx().await?;
+        let status = if frozen.is_some() { "frozen" } else { "active" };
+        let n = sqlx::query(
+            "UPDATE agents SET status = $1, frozen_reason = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(status)
+        .bind(frozen.map(str::to_string))
+        .bind(now)
+        .bind(agent_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(DbError::NotFound("agent"));
+        }
+        Self::audit(
+            &mut tx,
+            actor,
+            if frozen.is_some() {
+                "agent.freeze"
+            } else {
+                "agent.unfreeze"
+            },
+            "agent",
+            agent_id,
+            serde_json::json!({"reason": frozen}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.get_agent(agent_id).await
+    }
+
+    // ----- policies ---------------------------------------------------------------------
+
+    /// Stores a new revision of the agent's policy (`document` is validated JSON).
+    pub async fn put_policy(
+        &self,
+        agent_id: &str,
+        document: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<PolicyRevision, DbError> {
+        let mut tx = self.tx().await?;
+        Self::lock_agent(&mut tx, agent_id, now).await?;
+        let bumped = sqlx::query(
+            "UPDATE policies SET current_revision = current_revision + 1, updated_at = $1 WHERE agent_id = $2 \
+             RETURNING id, current_revision",
+        )
+        .bind(now)
+        .bind(agent_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (policy_id, revision) = match bumped {
+            Some(row) => (
+                row.try_get::<String, _>("id")?,
+                row.try_get::<i64, _>("current_revision")?,
+            ),
+            None => {
+                let id = new_id("pol");
+                sqlx::query(
+                    "INSERT INTO policies (id, agent_id, current_revision, created_at, updated_at) VALUES ($1, $2, 1, $3, $3)",
+                )
+                .bind(id.clone())
+                .bind(agent_id.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                (id, 1)
+            }
+        };
+        sqlx::query(
+            "INSERT INTO policy_revisions (policy_id, revision, document, author, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(policy_id.clone())
+        .bind(revision)
+        .bind(document.to_string())
+        .bind(actor.name.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "policy.write",
+            "agent",
+            agent_id,
+            serde_json::json!({"policy_id": policy_id, "revision": revision}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(PolicyRevision {
+            agent_id: agent_id.to_string(),
+            policy_id,
+            revision,
+            author: actor.name.clone(),
+            created_at: now,
+            document: parse_json(document)?,
+        })
+    }
+
+    /// The agent's current policy revision.
+    pub async fn get_policy(&self, agent_id: &str) -> Result<PolicyRevision, DbError> {
+        self.get_agent(agent_id).await?;
+        let row = sqlx::query(
+            "SELECT p.agent_id, r.policy_id, r.revision, r.author, r.created_at, r.document \
+             FROM policies p JOIN policy_revisions r ON r.policy_id = p.id AND r.revision = p.current_revision \
+             WHERE p.agent_id = $1",
+        )
+        .bind(agent_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound("policy"))?;
+        revision_from_row(&row)
+    }
+
+    /// Every revision of the agent's policy, newest first.
+    pub async fn list_policy_revisions(
+        &self,
+        agent_id: &str,
+    ) -> Result<Vec<PolicyRevision>, DbError> {
+        self.get_agent(agent_id).await?;
+        let rows = sqlx::query(
+            "SELECT p.agent_id, r.policy_id, r.revision, r.author, r.created_at, r.document \
+             FROM policies p JOIN policy_revisions r ON r.policy_id = p.id \
+             WHERE p.agent_id = $1 ORDER BY r.revision DESC",
+        )
+        .bind(agent_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(revision_from_row).collect()
+    }
+
+    // ----- budgets ----------------------------------------------------------------------
+
+    /// Sets (creates or replaces) the budget of a scope for a period and currency.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_budget(
+        &self,
+        scope: BudgetScope,
+        scope_id: &str,
+        period: &str,
+        currency: &str,
+        limit: i64,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Budget, DbError> {
+        let mut tx = self.tx().await?;
+        let (table, what) = match scope {
+            BudgetScope::Org => ("organizations", "organization"),
+            BudgetScope::Project => ("projects", "project"),
+            BudgetScope::Agent => ("agents", "agent"),
+        };
+        let exists = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id FROM {table} WHERE id = $1"
+        )))
+        .bind(scope_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if exists.is_none() {
+            return Err(DbError::NotFound(what));
+        }
+        let row = sqlx::query(
+            "INSERT INTO budgets (id, scope, scope_id, period, currency, limit_amount, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+             ON CONFLICT (scope, scope_id, period, currency) DO UPDATE SET limit_amount = excluded.limit_amount, updated_at = excluded.updated_at \
+             RETURNING id, scope, scope_id, period, currency, limit_amount, created_at, updated_at",
+        )
+        .bind(new_id("bud"))
+        .bind(scope.as_str())
+        .bind(scope_id.to_string())
+        .bind(period.to_string())
+        .bind(currency.to_string())
+        .bind(limit)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let budget = budget_from_row(&row)?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "budget.set",
+            scope.as_str(),
+            scope_id,
+            serde_json::json!({"budget_id": budget.id, "period": period, "currency": currency, "limit": limit}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(budget)
+    }
+
+    pub async fn list_budgets(
+        &self,
+        scope: Option<BudgetScope>,
+        scope_id: Option<&str>,
+    ) -> Result<Vec<Budget>, DbError> {
+        let mut w = Where::default();
+        w.eq_text("scope", &scope.map(|s| s.as_str().to_string()));
+        w.eq_text("scope_id", &scope_id.map(str::to_string));
+        let sql = format!(
+            "SELECT id, scope, scope_id, period, currency, limit_amount, created_at, updated_at FROM budgets{} \
+             ORDER BY scope, scope_id, period, currency",
+            w.sql()
+        );
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), w.args)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(budget_from_row).collect()
+    }
+
+    // ----- the ledger -------------------------------------------------------------------
+
+    /// Records an intent as a sidecar decided it (sync will call this; tests use it now).
+    pub async fn insert_intent(&self, intent: &NewIntent) -> Result<Intent, DbError> {
+        let agent = self.get_agent(&intent.agent_id).await?;
+        let reasons =
+            serde_json::to_string(&intent.reasons).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let mut tx = self.tx().await?;
+        sqlx::query(
+            "INSERT INTO intents (id, org_id, project_id, agent_id, status, amount, currency, merchant_name, merchant_domain, \
+             merchant_country, description, decision_id, reasons, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13, $13)",
+        )
+        .bind(intent.id.clone())
+        .bind(agent.org_id.clone())
+        .bind(agent.project_id.clone())
+        .bind(agent.id.clone())
+        .bind(intent.status.clone())
+        .bind(intent.amount)
+        .bind(intent.currency.clone())
+        .bind(intent.merchant_name.clone())
+        .bind(intent.merchant_domain.clone())
+        .bind(intent.merchant_country.clone())
+        .bind(intent.description.clone())
+        .bind(reasons.clone())
+        .bind(intent.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(outcome) = &intent.decision_outcome {
+            let decision = NewDecision {
+                intent_id: intent.id.clone(),
+                outcome: outcome.clone(),
+                reasons: intent.reasons.clone(),
+                decided_by: "sidecar".into(),
+                actor_id: None,
+                note: None,
+                created_at: intent.created_at,
+            };
+            Self::insert_decision(&mut tx, &agent, &decision).await?;
+        }
+        tx.commit().await?;
+        self.get_intent(&intent.id).await
+    }
+
+    async fn insert_decision(
+        conn: &mut sqlx::AnyConnection,
+        agent: &Agent,
+        d: &NewDecision,
+    ) -> Result<String, DbError> {
+        let id = new_id("dec");
+        let reasons =
+            serde_json::to_string(&d.reasons).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO decisions (id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, actor_id, note, \
+             policy_revision, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11)",
+        )
+        .bind(id.clone())
+        .bind(d.intent_id.clone())
+        .bind(agent.org_id.clone())
+        .bind(agent.project_id.clone())
+        .bind(agent.id.clone())
+        .bind(d.outcome.clone())
+        .bind(reasons)
+        .bind(d.decided_by.clone())
+        .bind(d.actor_id.clone())
+        .bind(d.note.clone())
+        .bind(d.created_at)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE intents SET decision_id = $1 WHERE id = $2")
+            .bind(id.clone())
+            .bind(d.intent_id.clone())
+            .execute(&mut *conn)
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn get_intent(&self, id: &str) -> Result<Intent, DbError> {
+        let sql = format!("SELECT {INTENT_COLUMNS} FROM intents WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NotFound("intent"))?;
+        intent_from_row(&row)
+    }
+
+    pub async fn list_intents(
+        &self,
+        filter: &LedgerFilter,
+        limit: i64,
+        cursor: Option<Cursor>,
+    ) -> Result<Page<Intent>, DbError> {
+        let mut w = ledger_where(filter, "status");
+        w.before_cursor(&cursor);
+        let n = w.next();
+        let sql = format!(
+            "SELECT {INTENT_COLUMNS} FROM intents{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
+            w.sql()
+        );
+        let mut args = w.args;
+        args.push(Arg::Int(limit + 1));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(intent_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(items, limit, |i| Cursor {
+            created_at: i.created_at,
+            id: i.id.clone(),
+        }))
+    }
+
+    pub async fn list_decisions(
+        &self,
+        filter: &LedgerFilter,
+        limit: i64,
+        cursor: Option<Cursor>,
+    ) -> Result<Page<Decision>, DbError> {
+        let mut w = ledger_where(filter, "outcome");
+        w.before_cursor(&cursor);
+        let n = w.next();
+        let sql = format!(
+            "SELECT {DECISION_COLUMNS} FROM decisions{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
+            w.sql()
+        );
+        let mut args = w.args;
+        args.push(Arg::Int(limit + 1));
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(decision_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(items, limit, |d| Cursor {
+            created_at: d.created_at,
+            id: d.id.clone(),
+        }))
+    }
+
+    /// Approves or denies an intent that is `pending_approval`: the intent moves to
+    /// `approved`/`declined` and a decision by the administrator is recorded. Any other state
+    /// is a conflict.
+    pub async fn decide_pending(
+        &self,
+        intent_id: &str,
+        approve: bool,
+        note: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(Intent, Decision), DbError> {
+        let mut tx = self.tx().await?;
+        let status = if approve { "approved" } else { "declined" };
+        let reason = if approve {
+            "approved_by_admin"
+        } else {
+            "denied_by_admin"
+        };
+        let n = sqlx::query(
+            "UPDATE intents SET status = $1, updated_at = $2 WHERE id = $3 AND status = 'pending_approval'",
+        )
+        .bind(status)
+        .bind(now)
+        .bind(intent_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            let current = sqlx::query("SELECT status FROM intents WHERE id = $1")
+                .bind(intent_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(DbError::NotFound("intent"))?;
+            let current: String = current.try_get("status")?;
+            return Err(DbError::Conflict(format!(
+                "the intent is {current}, not pending_approval"
+            )));
+        }
+        let agent_id: String = sqlx::query("SELECT agent_id FROM intents WHERE id = $1")
+            .bind(intent_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("agent_id")?;
+        let agent_row = sqlx::query(
+            "SELECT id, org_id, project_id, name, status, frozen_reason, created_at, updated_at FROM agents WHERE id = $1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(DbError::NotFound("agent"))?;
+        let agent = agent_from_row(&agent_row)?;
+        let decision_id = Self::insert_decision(
+            &mut tx,
+            &agent,
+            &NewDecision {
+                intent_id: intent_id.to_string(),
+                outcome: status.into(),
+                reasons: vec![reason.into()],
+                decided_by: "admin".into(),
+                actor_id: Some(actor.name.clone()),
+                note: note.map(str::to_string),
+                created_at: now,
+            },
+        )
+        .await?;
+        sqlx::query("UPDATE intents SET reasons = $1 WHERE id = $2")
+            .bind(serde_json::json!([reason]).to_string())
+            .bind(intent_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            if approve {
+                "intent.approve"
+            } else {
+                "intent.deny"
+            },
+            "intent",
+            intent_id,
+            serde_json::json!({"decision_id": decision_id, "note": note}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        let intent = self.get_intent(intent_id).await?;
+        let sql = format!("SELECT {DECISION_COLUMNS} FROM decisions WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(decision_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((intent, decision_from_row(&row)?))
+    }
+
+    // ----- admin tokens -----------------------------------------------------------------
+
+    /// Ensures an admin token with this id and hash exists (a bootstrap token). An existing
+    /// row with the same id is left as it is.
+    pub async fn ensure_admin_token(
+        &self,
+        id: &str,
+        name: &str,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.tx().await?;
+        let n = sqlx::query(
+            "INSERT INTO admin_tokens (id, name, token_hash, admin_user_id, created_at, last_used_at, revoked_at) \
+             VALUES ($1, $2, $3, NULL, $4, NULL, NULL) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(name.to_string())
+        .bind(token_hash.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            Self::audit(
+                &mut tx,
+                &Actor::system(),
+                "admin_token.create",
+                "admin_token",
+                id,
+                serde_json::json!({"name": name}),
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn find_admin_token(&self, id: &str) -> Result<Option<AdminTokenRecord>, DbError> {
+        let row =
+            sqlx::query("SELECT id, name, token_hash, revoked_at FROM admin_tokens WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(AdminTokenRecord {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                token_hash: r.try_get("token_hash")?,
+                revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+            })
+        })
+        .transpose()
+    }
+}
+
+const INTENT_COLUMNS: &str = "id, org_id, project_id, agent_id, status, amount, currency, merchant_name, merchant_domain, \
+     merchant_country, description, decision_id, reasons, created_at, updated_at";
+const DECISION_COLUMNS: &str = "id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, actor_id, note, \
+     policy_revision, created_at";
+
+fn ledger_where(filter: &LedgerFilter, status_column: &str) -> Where {
+    let mut w = Where::default();
+    w.eq_text("org_id", &filter.org_id);
+    w.eq_text("project_id", &filter.project_id);
+    w.eq_text("agent_id", &filter.agent_id);
+    w.eq_text(status_column, &filter.status);
+    w.cmp_int("created_at", ">=", filter.created_from);
+    w.cmp_int("created_at", "<", filter.created_to);
+    w
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DbError> {
+    serde_json::from_str(text).map_err(|e| DbError::Corrupt(e.to_string()))
+}
+
+fn org_from_row(r: &AnyRow) -> Result<Organization, DbError> {
+    Ok(Organization {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        is_default: r.try_get::<i64, _>("is_default")? == 1,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn project_from_row(r: &AnyRow) -> Result<Project, DbError> {
+    Ok(Project {
+        id: r.try_get("id")?,
+        org_id: r.try_get("org_id")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn agent_from_row(r: &AnyRow) -> Result<Agent, DbError> {
+    Ok(Agent {
+        id: r.try_get("id")?,
+        org_id: r.try_get("org_id")?,
+        project_id: r.try_get("project_id")?,
+        name: r.try_get("name")?,
+        status: r.try_get("status")?,
+        frozen_reason: r.try_get("frozen_reason")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn key_from_row(r: &AnyRow) -> Result<AgentKey, DbError> {
+    Ok(AgentKey {
+        key_id: r.try_get("key_id")?,
+        agent_id: r.try_get("agent_id")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+fn revision_from_row(r: &AnyRow) -> Result<PolicyRevision, DbError> {
+    Ok(PolicyRevision {
+        agent_id: r.try_get("agent_id")?,
+        policy_id: r.try_get("policy_id")?,
+        revision: r.try_get("revision")?,
+        author: r.try_get("author")?,
+        created_at: r.try_get("created_at")?,
+        document: parse_json(&r.try_get::<String, _>("document")?)?,
+    })
+}
+
+fn budget_from_row(r: &AnyRow) -> Result<Budget, DbError> {
+    let scope: String = r.try_get("scope")?;
+    Ok(Budget {
+        id: r.try_get("id")?,
+        scope: BudgetScope::parse(&scope)
+            .ok_or_else(|| DbError::Corrupt(format!("unknown budget scope {scope}")))?,
+        scope_id: r.try_get("scope_id")?,
+        period: r.try_get("period")?,
+        currency: r.try_get("currency")?,
+        limit: r.try_get("limit_amount")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn intent_from_row(r: &AnyRow) -> Result<Intent, DbError> {
+    Ok(Intent {
+        id: r.try_get("id")?,
+        org_id: r.try_get("org_id")?,
+        project_id: r.try_get("project_id")?,
+        agent_id: r.try_get("agent_id")?,
+        status: r.try_get("status")?,
+        amount: r.try_get("amount")?,
+        currency: r.try_get("currency")?,
+        merchant_name: r.try_get("merchant_name")?,
+        merchant_domain: r.try_get("merchant_domain")?,
+        merchant_country: r.try_get("merchant_country")?,
+        description: r.try_get("description")?,
+        decision_id: r.try_get("decision_id")?,
+        reasons: parse_json(&r.try_get::<String, _>("reasons")?)?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn decision_from_row(r: &AnyRow) -> Result<Decision, DbError> {
+    Ok(Decision {
+        id: r.try_get("id")?,
+        intent_id: r.try_get("intent_id")?,
+        org_id: r.try_get("org_id")?,
+        project_id: r.try_get("project_id")?,
+        agent_id: r.try_get("agent_id")?,
+        outcome: r.try_get("outcome")?,
+        reasons: parse_json(&r.try_get::<String, _>("reasons")?)?,
+        decided_by: r.try_get("decided_by")?,
+        actor: r.try_get("actor_id")?,
+        note: r.try_get("note")?,
+        policy_revision: r.try_get("policy_revision")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn audit_from_row(r: &AnyRow) -> Result<AuditEvent, DbError> {
+    Ok(AuditEvent {
+        id: r.try_get("id")?,
+        actor_type: r.try_get("actor_type")?,
+        actor_id: r.try_get("actor_id")?,
+        action: r.try_get("action")?,
+        target_type: r.try_get("target_type")?,
+        target_id: r.try_get("target_id")?,
+        outcome: r.try_get("outcome")?,
+        request_id: r.try_get("request_id")?,
+        created_at: r.try_get("created_at")?,
+        details: parse_json(&r.try_get::<String, _>("details")?)?,
+    })
+}

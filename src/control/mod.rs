@@ -1,0 +1,185 @@
+//! The control plane (`roony control-plane`): organizations, projects, agents, versioned
+//! policies, budgets, approvals and the ledger, in SQLite or PostgreSQL (`db`), behind the
+//! admin API (`api`). Sync with sidecars is a later step (issue 4, items 4 to 6).
+
+pub mod api;
+pub mod db;
+pub mod model;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use rand::RngCore;
+
+pub use db::{ControlDb, DbError};
+
+/// Default listen address of the control plane.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8788";
+
+#[derive(Clone)]
+pub struct ControlConfig {
+    /// `sqlite://…` or `postgres://…`.
+    pub database_url: String,
+    pub listen: SocketAddr,
+    /// If set, an admin token with this plaintext exists after start-up.
+    pub bootstrap_admin_token: Option<String>,
+    /// Name (author) recorded for the bootstrap token.
+    pub bootstrap_admin_name: String,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("listen", &self.listen)
+            .field(
+                "bootstrap_admin_token",
+                &self.bootstrap_admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("bootstrap_admin_name", &self.bootstrap_admin_name)
+            .finish()
+    }
+}
+
+impl ControlConfig {
+    /// SQLite under `data_dir`, default listen address, no bootstrap token.
+    pub fn sqlite_in(data_dir: &Path) -> ControlConfig {
+        ControlConfig {
+            database_url: db::default_sqlite_url(data_dir),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+            bootstrap_admin_token: None,
+            bootstrap_admin_name: "bootstrap".into(),
+        }
+    }
+}
+
+/// The URL without a password (for logs).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control plane database: {0}")]
+    Db(#[from] DbError),
+    #[error(
+        "the admin token must be at least {} printable characters",
+        crate::auth::MIN_CUSTOM_KEY_LEN
+    )]
+    TokenTooShort,
+    #[error("server failed: {0}")]
+    Server(std::io::Error),
+}
+
+/// A fresh admin token: `roony_at_<64 hex>`.
+pub fn generate_admin_token() -> String {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    format!("{}{}", api::ADMIN_TOKEN_PREFIX, hex::encode(secret))
+}
+
+/// Opens the database (creating the SQLite file's directory), applies migrations, makes
+/// sure the default organization and the bootstrap admin token exist.
+pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
+    let bootstrap = config
+        .bootstrap_admin_token
+        .as_deref()
+        .map(crate::auth::from_plaintext)
+        .transpose()
+        .map_err(|_| ControlError::TokenTooShort)?;
+    if let Some(path) = sqlite_file(&config.database_url)
+        && let Some(dir) = Path::new(&path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let db = ControlDb::open(&config.database_url).await?;
+    let now = unix_now();
+    db.ensure_default_org(now).await?;
+    if let Some(key) = bootstrap {
+        db.ensure_admin_token(&key.key_id, &config.bootstrap_admin_name, &key.hash, now)
+            .await?;
+    }
+    Ok(db)
+}
+
+fn sqlite_file(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()
+        .map(|p| p.into_owned())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Serves the admin API of `db` on `listener` until `shutdown` resolves.
+pub async fn serve_db(
+    db: ControlDb,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ControlError> {
+    let result = crate::api::serve(listener, api::router(db.clone()), shutdown).await;
+    db.close().await;
+    result.map_err(ControlError::Server)
+}
+
+/// Opens the database per `config` and serves the admin API on `listener` until
+/// `shutdown` resolves.
+pub async fn serve(
+    config: ControlConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ControlError> {
+    let db = open(&config).await?;
+    serve_db(db, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            sqlite_file("sqlite:///tmp/a%20b/control.db?mode=rwc").as_deref(),
+            Some("/tmp/a b/control.db")
+        );
+        let url = db::default_sqlite_url(Path::new("/tmp/a b#c"));
+        assert_eq!(url, "sqlite:///tmp/a%20b%23c/control.db?mode=rwc");
+        assert!(generate_admin_token().starts_with("roony_at_"));
+    }
+}

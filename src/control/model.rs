@@ -1,0 +1,294 @@
+//! The control plane's records as the admin API shows them. Times are Unix seconds; money
+//! is integer minor units with an ISO 4217 currency code.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Organization {
+    pub id: String,
+    pub name: String,
+    /// The organization created at first start; new projects go here unless told otherwise.
+    pub is_default: bool,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Agent {
+    pub id: String,
+    pub org_id: String,
+    pub project_id: String,
+    pub name: String,
+    /// `active` or `frozen`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_reason: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// An agent key as stored: its id and dates, never the key or its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentKey {
+    pub key_id: String,
+    pub agent_id: String,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyRevision {
+    pub agent_id: String,
+    pub policy_id: String,
+    /// 1 for the first policy written, then one more for each change.
+    pub revision: i64,
+    /// The admin token (name) that wrote this revision.
+    pub author: String,
+    pub created_at: i64,
+    #[schema(value_type = crate::policy::Policy)]
+    pub document: serde_json::Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScope {
+    Org,
+    Project,
+    Agent,
+}
+
+impl BudgetScope {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetScope::Org => "org",
+            BudgetScope::Project => "project",
+            BudgetScope::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BudgetScope> {
+        match s {
+            "org" => Some(BudgetScope::Org),
+            "project" => Some(BudgetScope::Project),
+            "agent" => Some(BudgetScope::Agent),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Budget {
+    pub id: String,
+    pub scope: BudgetScope,
+    /// The organization, project or agent id.
+    pub scope_id: String,
+    /// `daily`, `weekly`, `monthly` or `all_time` (UTC calendar periods).
+    pub period: String,
+    /// ISO 4217, upper case.
+    pub currency: String,
+    /// Minor units.
+    pub limit: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A purchase intent in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Intent {
+    pub id: String,
+    pub org_id: String,
+    pub project_id: String,
+    pub agent_id: String,
+    /// `pending_approval`, `approved`, `declined`, `canceled`, `expired`, `failed`, `issuing`.
+    pub status: String,
+    /// Minor units.
+    pub amount: i64,
+    pub currency: String,
+    pub merchant_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_country: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The latest decision about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_id: Option<String>,
+    /// Reason codes of the latest decision.
+    pub reasons: Vec<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// An intent to record in the ledger (as a sidecar decided it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewIntent {
+    pub id: String,
+    pub agent_id: String,
+    pub status: String,
+    pub amount: i64,
+    pub currency: String,
+    pub merchant_name: String,
+    pub merchant_domain: Option<String>,
+    pub merchant_country: Option<String>,
+    pub description: Option<String>,
+    pub reasons: Vec<String>,
+    /// When set, a decision by the sidecar with this outcome is recorded too.
+    pub decision_outcome: Option<String>,
+    pub created_at: i64,
+}
+
+/// A decision about an intent: by a sidecar's policy engine or by an administrator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Decision {
+    pub id: String,
+    pub intent_id: String,
+    pub org_id: String,
+    pub project_id: String,
+    pub agent_id: String,
+    /// `approved`, `declined` or `pending_approval`.
+    pub outcome: String,
+    pub reasons: Vec<String>,
+    /// `sidecar` or `admin`.
+    pub decided_by: String,
+    /// The admin token (name) for administrators' decisions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_revision: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDecision {
+    pub intent_id: String,
+    pub outcome: String,
+    pub reasons: Vec<String>,
+    pub decided_by: String,
+    pub actor_id: Option<String>,
+    pub note: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEvent {
+    pub id: String,
+    pub actor_type: String,
+    pub actor_id: String,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: String,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub created_at: i64,
+    pub details: serde_json::Value,
+}
+
+/// Position in a newest-first listing: the last row returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// Opaque text form (URL-safe base64 of `created_at:id`).
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}:{}", self.created_at, self.id))
+    }
+
+    pub fn decode(text: &str) -> Option<Cursor> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let (created, id) = text.split_once(':')?;
+        if id.is_empty() || id.len() > 128 {
+            return None;
+        }
+        Some(Cursor {
+            created_at: created.parse().ok()?,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// One page of a newest-first listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// `rows` were fetched with `LIMIT limit + 1`: one more than `limit` means more follow.
+    pub fn from_rows(mut rows: Vec<T>, limit: i64, cursor: impl Fn(&T) -> Cursor) -> Page<T> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_cursor = if more {
+            rows.last().map(|r| cursor(r).encode())
+        } else {
+            None
+        };
+        Page {
+            items: rows,
+            next_cursor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            created_at: 1_795_000_000,
+            id: "pur_01abc".into(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in ["", "%%", "bm9jb2xvbg", "MTIzOg", "eDpwdXI"] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_know_when_more_follow() {
+        let cursor = |v: &i64| Cursor {
+            created_at: *v,
+            id: v.to_string(),
+        };
+        let p = Page::from_rows(vec![5, 4, 3], 2, cursor);
+        assert_eq!(p.items, vec![5, 4]);
+        assert_eq!(
+            p.next_cursor.as_deref().and_then(Cursor::decode),
+            Some(cursor(&4))
+        );
+        let p = Page::from_rows(vec![5, 4], 2, cursor);
+        assert_eq!(p.items, vec![5, 4]);
+        assert_eq!(p.next_cursor, None);
+        assert_eq!(BudgetScope::parse("project"), Some(BudgetScope::Project));
+        assert_eq!(
+            BudgetScope::parse(BudgetScope::Org.as_str()),
+            Some(BudgetScope::Org)
+        );
+        assert_eq!(BudgetScope::parse("team"), None);
+    }
+}

@@ -6,7 +6,8 @@
 //! open loop: latency is measured from each request's scheduled send time, so a stall is
 //! not hidden (no coordinated omission).
 //!
-//! Run: `cargo bench --bench http_decline` (env `RATE`, `SECONDS`, `CONNECTIONS`).
+//! Run: `cargo bench --bench http_decline` (env `RATE`, `SECONDS`, `CONNECTIONS`,
+//! `SERVER_CPU`).
 //! Results: docs/benchmarks.md.
 
 use std::process::{Command, Stdio};
@@ -117,6 +118,19 @@ impl Conn {
     }
 }
 
+/// `roony`, or `taskset -c N roony` when `SERVER_CPU=N` pins the sidecar to one core (run
+/// the generator itself under `taskset -c M` so the two do not compete for a core).
+fn server_command() -> Command {
+    match std::env::var("SERVER_CPU") {
+        Ok(cpu) if !cpu.is_empty() => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu, env!("CARGO_BIN_EXE_roony")]);
+            c
+        }
+        _ => Command::new(env!("CARGO_BIN_EXE_roony")),
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let rate = env_or("RATE", 1_000);
@@ -126,7 +140,7 @@ fn main() {
     let log = dir.path().join("stderr.log");
     let key = "roony-bench-key-0123456789abcdef";
     let _child = Child(
-        Command::new(env!("CARGO_BIN_EXE_roony"))
+        server_command()
             .args([
                 "dev",
                 "--sidecar-listen",

@@ -69,6 +69,18 @@ pub struct SidecarArgs {
     pub stripe: StripeArgs,
     #[command(flatten)]
     pub mcp: McpHostArgs,
+    /// The control plane to sync policies from (long-poll). Without it (and a sidecar
+    /// token) the sidecar runs standalone with the agents of `roony agent create`.
+    #[arg(long, env = "ROONY_CONTROL_PLANE_URL", requires = "sidecar_token")]
+    pub control_plane_url: Option<String>,
+    /// This sidecar's token (`POST /api/admin/v1/sidecars`).
+    #[arg(
+        long,
+        env = "ROONY_SIDECAR_TOKEN",
+        requires = "control_plane_url",
+        hide_env_values = true
+    )]
+    pub sidecar_token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -230,6 +242,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                 mcp: args.mcp.config(),
             };
             let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
+            let _sync = match (args.control_plane_url, args.sidecar_token) {
+                (Some(control_plane_url), Some(sidecar_token)) => Some(sidecar::start_sync(
+                    &store,
+                    crate::sync::client::SyncConfig {
+                        control_plane_url,
+                        sidecar_token,
+                    },
+                )),
+                _ => None,
+            };
             let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
             let running = sidecar::start(
                 service,

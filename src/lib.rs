@@ -15,4 +15,5 @@ pub mod policy;
 pub mod service;
 pub mod sidecar;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

@@ -52,6 +52,28 @@ pub fn build_service(store: Store, config: &SidecarConfig) -> Result<Service, St
     ))
 }
 
+/// Starts sync with the control plane (see `crate::sync`): applies the persisted bundle
+/// first — so a sidecar whose control plane is down enforces the last good policy — then
+/// long-polls for new bundles in the background. Call before serving.
+pub fn start_sync(
+    store: &Store,
+    config: crate::sync::client::SyncConfig,
+) -> tokio::task::JoinHandle<()> {
+    eprintln!(
+        "roony: syncing policies from {}",
+        crate::control::redact_url(config.control_plane_url.trim_end_matches('/'))
+    );
+    let (restored, task) = crate::sync::client::start(store.clone(), config);
+    match restored {
+        Ok(Some(revision)) => {
+            eprintln!("roony: applied the persisted policy bundle (revision {revision})")
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("roony: {e}"),
+    }
+    task
+}
+
 /// A running sidecar.
 pub struct Running {
     pub addr: SocketAddr,

@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 use super::db::{Actor, AgentFilter, AuditFilter, ControlDb, DbError, LedgerFilter};
 use super::model::{
     Agent, AgentKey, AuditEvent, Budget, BudgetScope, Cursor, Decision, Intent, Organization,
-    PolicyRevision, Project,
+    PolicyRevision, Project, Sidecar,
 };
 use crate::api::{ApiError, ApiJson, MAX_BODY_BYTES};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
@@ -45,6 +45,8 @@ const DECISION_OUTCOMES: &[&str] = &["approved", "declined", "pending_approval"]
 #[derive(Clone, Debug)]
 pub struct AdminState {
     pub db: ControlDb,
+    /// Becomes `true` when the server begins to shut down (ends long-polls early).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 fn now() -> i64 {
@@ -1325,6 +1327,94 @@ async fn list_audit_events(
     }))
 }
 
+// ----- sidecars ------------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSidecar {
+    pub name: String,
+    /// The project whose agents the sidecar serves.
+    pub project_id: String,
+}
+
+/// A new sidecar and its token. The token is shown **once**; only its hash is stored.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedSidecar {
+    pub id: String,
+    pub token: String,
+    pub sidecar: Sidecar,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SidecarList {
+    pub items: Vec<Sidecar>,
+}
+
+/// Register a sidecar of a project; returns its sync token once.
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/sidecars",
+    tag = "sidecars",
+    request_body = CreateSidecar,
+    responses(
+        (status = 201, body = CreatedSidecar),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, description = "Unknown project", body = AdminErrorBody),
+        (status = 415, body = AdminErrorBody),
+        (status = 422, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn create_sidecar(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    req: Result<ApiJson<CreateSidecar>, ApiError>,
+) -> Result<Response, AdminError> {
+    let req = body(req)?;
+    let name = check_name("name", &req.name)?;
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let token = format!(
+        "{}{}",
+        crate::sync::wire::SIDECAR_TOKEN_PREFIX,
+        hex::encode(secret)
+    );
+    let key = crate::auth::from_plaintext(&token).map_err(AdminError::internal)?;
+    let sidecar = state
+        .db
+        .create_sidecar(&req.project_id, &name, &key, &actor, now())
+        .await?;
+    Ok(no_store(
+        StatusCode::CREATED,
+        CreatedSidecar {
+            id: sidecar.id.clone(),
+            token,
+            sidecar,
+        },
+    ))
+}
+
+/// List sidecars, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/sidecars",
+    tag = "sidecars",
+    responses(
+        (status = 200, body = SidecarList),
+        (status = 401, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_sidecars(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+) -> Result<Json<SidecarList>, AdminError> {
+    Ok(Json(SidecarList {
+        items: state.db.list_sidecars().await?,
+    }))
+}
+
 // ----- the app -------------------------------------------------------------------------
 
 struct SecurityAddon;
@@ -1360,6 +1450,7 @@ impl Modify for SecurityAddon {
         (name = "budgets", description = "Budgets of organizations, projects and agents"),
         (name = "ledger", description = "Intents, decisions, approvals"),
         (name = "audit", description = "The audit trail"),
+        (name = "sidecars", description = "Sidecar identities for sync (policy distribution)"),
     )
 )]
 struct AdminDoc;
@@ -1384,6 +1475,7 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(deny_intent))
         .routes(routes!(list_decisions))
         .routes(routes!(list_audit_events))
+        .routes(routes!(create_sidecar, list_sidecars))
 }
 
 /// The admin API's OpenAPI document.
@@ -1396,8 +1488,15 @@ pub fn openapi_json() -> String {
     openapi().to_pretty_json().unwrap_or_default() + "\n"
 }
 
-/// The control plane's HTTP app: the admin API, `/api/admin/v1/openapi.json` and `/healthz`.
+/// The control plane's HTTP app: the admin API, `/api/admin/v1/openapi.json`, the sync
+/// endpoint (`/api/sync/v1/bundle`) and `/healthz`.
 pub fn router(db: ControlDb) -> Router {
+    let (_, stopping) = tokio::sync::watch::channel(false);
+    router_with_stop(db, stopping)
+}
+
+/// [`router`], with long-polls ending when `stopping` becomes `true`.
+pub fn router_with_stop(db: ControlDb, stopping: tokio::sync::watch::Receiver<bool>) -> Router {
     let (router, spec) = api_router().split_for_parts();
     let spec_json = spec.to_pretty_json().unwrap_or_default();
     router
@@ -1408,10 +1507,14 @@ pub fn router(db: ControlDb) -> Router {
                 async move { ([(header::CONTENT_TYPE, "application/json")], body) }
             }),
         )
+        .route(
+            crate::sync::wire::BUNDLE_PATH,
+            axum::routing::get(super::sync::bundle),
+        )
         .route("/healthz", axum::routing::get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AdminState { db })
+        .with_state(AdminState { db, stopping })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             AdminError::new(

@@ -13,16 +13,20 @@ use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 
 use super::model::{
     Agent, AgentKey, AuditEvent, Budget, BudgetScope, Cursor, Decision, Intent, NewDecision,
-    NewIntent, Organization, Page, PolicyRevision, Project,
+    NewIntent, Organization, Page, PolicyRevision, Project, Sidecar,
 };
 use crate::service::ids::new_id;
+use crate::sync::wire::{BundleAgent, BundleKey};
 
 /// The embedded migrations, in order. The files live in `migrations/` at the repository root.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "control plane",
-    include_str!("../../migrations/0001_control_plane.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "control plane",
+        include_str!("../../migrations/0001_control_plane.sql"),
+    ),
+    (2, "sync", include_str!("../../migrations/0002_sync.sql")),
+];
 
 /// Which database a [`ControlDb`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +201,18 @@ fn bind_all<'q>(
 pub struct ControlDb {
     pool: AnyPool,
     backend: Backend,
+    /// The last configuration revision this process committed (wakes long-polls at once;
+    /// changes made by other replicas are found by polling `config_revision`).
+    changes: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
+}
+
+/// A sidecar as the sync endpoint authenticates it.
+#[derive(Clone, Debug)]
+pub struct SidecarAuth {
+    pub id: String,
+    pub project_id: String,
+    pub token_hash: String,
+    pub revoked: bool,
 }
 
 /// `sqlite://<dir>/control.db?mode=rwc`, the default database of a data directory.
@@ -260,7 +276,12 @@ impl ControlDb {
                 .await?;
         }
         migrator().run(&pool).await?;
-        Ok(ControlDb { pool, backend })
+        let (changes, _) = tokio::sync::watch::channel(0);
+        Ok(ControlDb {
+            pool,
+            backend,
+            changes: std::sync::Arc::new(changes),
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -617,7 +638,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         Ok(agent)
     }
 
@@ -739,7 +760,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         Ok(revoked)
     }
 
@@ -779,7 +800,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         key.revoked_at = Some(now);
         Ok(key)
     }
@@ -839,7 +860,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         self.get_agent(agent_id).await
     }
 
@@ -901,7 +922,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         Ok(PolicyRevision {
             agent_id: agent_id.to_string(),
             policy_id,
@@ -999,7 +1020,7 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.commit_config(tx).await?;
         Ok(budget)
     }
 
@@ -1296,6 +1317,174 @@ impl ControlDb {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    // ----- sync -------------------------------------------------------------------------
+
+    /// Bumps the configuration revision inside `tx`, commits, and wakes this process's
+    /// long-polls. Every write that changes what a bundle contains ends with this.
+    async fn commit_config(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+    ) -> Result<i64, DbError> {
+        let revision: i64 = sqlx::query(
+            "UPDATE config_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("revision")?;
+        tx.commit().await?;
+        self.changes.send_replace(revision);
+        Ok(revision)
+    }
+
+    /// Notified (with the revision) whenever this process commits a configuration change.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    /// The current configuration revision (as committed by any replica).
+    pub async fn config_revision(&self) -> Result<i64, DbError> {
+        Ok(
+            sqlx::query("SELECT revision FROM config_revision WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("revision")?,
+        )
+    }
+
+    /// Registers a sidecar of a project with `token` (hash only).
+    pub async fn create_sidecar(
+        &self,
+        project_id: &str,
+        name: &str,
+        token: &crate::auth::NewKey,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Sidecar, DbError> {
+        let mut tx = self.tx().await?;
+        sqlx::query("SELECT id FROM projects WHERE id = $1")
+            .bind(project_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(DbError::NotFound("project"))?;
+        let sidecar = Sidecar {
+            id: new_id("sc"),
+            project_id: project_id.to_string(),
+            name: name.to_string(),
+            created_at: now,
+            revoked_at: None,
+        };
+        sqlx::query(
+            "INSERT INTO sidecars (id, project_id, name, token_id, token_hash, created_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+        )
+        .bind(sidecar.id.clone())
+        .bind(sidecar.project_id.clone())
+        .bind(sidecar.name.clone())
+        .bind(token.key_id.clone())
+        .bind(token.hash.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "sidecar.create",
+            "sidecar",
+            &sidecar.id,
+            serde_json::json!({"project_id": project_id, "name": name}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(sidecar)
+    }
+
+    /// Every sidecar, newest first.
+    pub async fn list_sidecars(&self) -> Result<Vec<Sidecar>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, project_id, name, created_at, revoked_at FROM sidecars ORDER BY created_at DESC, id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Sidecar {
+                    id: r.try_get("id")?,
+                    project_id: r.try_get("project_id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The sidecar a token id names, with its stored hash.
+    pub async fn find_sidecar(&self, token_id: &str) -> Result<Option<SidecarAuth>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, project_id, token_hash, revoked_at FROM sidecars WHERE token_id = $1",
+        )
+        .bind(token_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(SidecarAuth {
+                id: r.try_get("id")?,
+                project_id: r.try_get("project_id")?,
+                token_hash: r.try_get("token_hash")?,
+                revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Every agent of a project with its current policy and keys, ordered by id (the
+    /// content of a bundle).
+    pub async fn bundle_agents(&self, project_id: &str) -> Result<Vec<BundleAgent>, DbError> {
+        let agents = sqlx::query(
+            "SELECT a.id, a.name, a.status, r.document FROM agents a \
+             LEFT JOIN policies p ON p.agent_id = a.id \
+             LEFT JOIN policy_revisions r ON r.policy_id = p.id AND r.revision = p.current_revision \
+             WHERE a.project_id = $1 ORDER BY a.id",
+        )
+        .bind(project_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let keys = sqlx::query(
+            "SELECT k.key_id, k.agent_id, k.key_hash, k.revoked_at FROM agent_keys k \
+             JOIN agents a ON a.id = k.agent_id WHERE a.project_id = $1 ORDER BY k.key_id",
+        )
+        .bind(project_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_agent: std::collections::HashMap<String, Vec<BundleKey>> =
+            std::collections::HashMap::new();
+        for k in &keys {
+            by_agent
+                .entry(k.try_get("agent_id")?)
+                .or_default()
+                .push(BundleKey {
+                    key_id: k.try_get("key_id")?,
+                    key_hash: k.try_get("key_hash")?,
+                    revoked: k.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+                });
+        }
+        agents
+            .iter()
+            .map(|a| {
+                let id: String = a.try_get("id")?;
+                let document: Option<String> = a.try_get("document")?;
+                Ok(BundleAgent {
+                    name: a.try_get("name")?,
+                    status: a.try_get("status")?,
+                    policy: document.as_deref().map(parse_json).transpose()?,
+                    keys: by_agent.remove(&id).unwrap_or_default(),
+                    id,
+                })
+            })
+            .collect()
     }
 
     pub async fn find_admin_token(&self, id: &str) -> Result<Option<AdminTokenRecord>, DbError> {

@@ -1,10 +1,13 @@
 //! The control plane (`roony control-plane`): organizations, projects, agents, versioned
 //! policies, budgets, approvals and the ledger, in SQLite or PostgreSQL (`db`), behind the
-//! admin API (`api`). Sync with sidecars is a later step (issue 4, items 4 to 6).
+//! admin API (`api`). `sync` serves sidecars their project's signed policy bundle (issue 4,
+//! item 4; wire types in `crate::sync::wire`); the ledger outbox and budget leases are later
+//! steps (items 5 and 6).
 
 pub mod api;
 pub mod db;
 pub mod model;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -134,7 +137,7 @@ fn sqlite_file(url: &str) -> Option<String> {
         .map(|p| p.into_owned())
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -147,7 +150,14 @@ pub async fn serve_db(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
-    let result = crate::api::serve(listener, api::router(db.clone()), shutdown).await;
+    // Long-polls of the sync endpoint end (304) as soon as shutdown begins.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let app = api::router_with_stop(db.clone(), stop_rx);
+    let result = crate::api::serve(listener, app, shutdown).await;
     db.close().await;
     result.map_err(ControlError::Server)
 }

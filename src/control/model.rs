@@ -36,6 +36,18 @@ pub struct Agent {
     pub updated_at: i64,
 }
 
+/// A sidecar identity: it fetches the policy bundle of its project (sync). Its token is
+/// shown once at creation; only the token's SHA-256 hex is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Sidecar {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
 /// An agent key as stored: its id and dates, never the key or its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AgentKey {

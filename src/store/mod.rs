@@ -41,6 +41,8 @@ const ISSUING: TableDefinition<&str, ()> = TableDefinition::new("issuing");
 /// agent_id → Stripe cardholder id.
 const CARDHOLDERS: TableDefinition<&str, &str> = TableDefinition::new("cardholders");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// "current" → the last applied sync bundle, as received (signed JSON).
+const BUNDLE: TableDefinition<&str, &[u8]> = TableDefinition::new("bundle");
 
 pub const SCHEMA_VERSION: &str = "1";
 
@@ -81,6 +83,33 @@ db_err!(
 pub struct CachedAgent {
     pub record: AgentRecord,
     pub policy: Result<CompiledPolicy, Vec<PolicyError>>,
+}
+
+/// One agent as a sync bundle describes it.
+#[derive(Clone, Debug)]
+pub struct SyncedAgent {
+    pub id: String,
+    pub name: String,
+    pub status: AgentStatus,
+    /// `None` when the bundle has no usable policy: the agent is then frozen (or not
+    /// created, with its keys, if it is new).
+    pub policy: Option<policy::Policy>,
+    pub keys: Vec<SyncedKey>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncedKey {
+    pub key_id: String,
+    pub key_hash: String,
+    pub revoked: bool,
+}
+
+/// What [`Store::apply_sync`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncApplied {
+    pub agents: usize,
+    pub frozen_vanished: usize,
+    pub revoked_vanished: usize,
 }
 
 /// Options of one decision.
@@ -150,6 +179,7 @@ impl Store {
             tx.open_table(TIMERS)?;
             tx.open_table(ISSUING)?;
             tx.open_table(CARDHOLDERS)?;
+            tx.open_table(BUNDLE)?;
         }
         tx.commit()?;
         Ok(Store {
@@ -218,6 +248,131 @@ impl Store {
         let rec = Arc::new(from_json::<AgentKeyRecord>("agent key", bytes.value())?);
         self.keys.insert(key_id.to_string(), rec.clone());
         Ok(Some(rec))
+    }
+
+    /// Makes the agents and keys of the store exactly those of a sync bundle, in one durable
+    /// write transaction: agents are upserted with their status and policy, keys with their
+    /// hashes and revocation; an agent the bundle does not name is frozen and a key it does
+    /// not name is revoked (nothing removed can buy). With `raw_bundle`, the bundle is
+    /// persisted in the same transaction. Caches are invalidated afterwards.
+    pub fn apply_sync(
+        &self,
+        agents: &[SyncedAgent],
+        raw_bundle: Option<&[u8]>,
+        now: UnixSeconds,
+    ) -> Result<SyncApplied, StoreError> {
+        let mut applied = SyncApplied::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(AGENTS)?;
+            let mut existing = std::collections::HashMap::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let rec: AgentRecord = from_json("agent", v.value())?;
+                existing.insert(k.value().to_string(), rec);
+            }
+            let mut kept_keys = std::collections::HashMap::new();
+            for a in agents {
+                let old = existing.remove(&a.id);
+                let (policy, status) = match (&a.policy, &old) {
+                    (Some(p), _) => (p.clone(), a.status),
+                    (None, Some(o)) => (o.policy.clone(), AgentStatus::Frozen),
+                    (None, None) => continue,
+                };
+                let record = AgentRecord {
+                    id: a.id.clone(),
+                    name: a.name.clone(),
+                    status,
+                    policy,
+                    created: old.as_ref().map_or(now, |o| o.created),
+                };
+                table.insert(a.id.as_str(), to_json(&record).as_slice())?;
+                applied.agents += 1;
+                for k in &a.keys {
+                    kept_keys.insert(k.key_id.clone(), (a.id.clone(), k));
+                }
+            }
+            for (id, mut rec) in existing {
+                if rec.status != AgentStatus::Frozen {
+                    rec.status = AgentStatus::Frozen;
+                    table.insert(id.as_str(), to_json(&rec).as_slice())?;
+                    applied.frozen_vanished += 1;
+                }
+            }
+            let mut keys = tx.open_table(AGENT_KEYS)?;
+            let mut old_keys = Vec::new();
+            for row in keys.iter()? {
+                let (k, v) = row?;
+                let rec: AgentKeyRecord = from_json("agent key", v.value())?;
+                old_keys.push((k.value().to_string(), rec));
+            }
+            let mut created = std::collections::HashMap::new();
+            for (key_id, mut rec) in old_keys {
+                if kept_keys.contains_key(&key_id) {
+                    created.insert(key_id, rec.created);
+                } else if !rec.revoked {
+                    rec.revoked = true;
+                    keys.insert(key_id.as_str(), to_json(&rec).as_slice())?;
+                    applied.revoked_vanished += 1;
+                }
+            }
+            for (key_id, (agent_id, k)) in &kept_keys {
+                let rec = AgentKeyRecord {
+                    agent_id: agent_id.clone(),
+                    key_hash: k.key_hash.clone(),
+                    created: created.get(key_id).copied().unwrap_or(now),
+                    revoked: k.revoked,
+                };
+                keys.insert(key_id.as_str(), to_json(&rec).as_slice())?;
+            }
+            if let Some(raw) = raw_bundle {
+                tx.open_table(BUNDLE)?.insert("current", raw)?;
+            }
+        }
+        tx.commit()?;
+        self.agents.invalidate_all();
+        self.keys.invalidate_all();
+        Ok(applied)
+    }
+
+    /// Freezes every agent (a synced sidecar whose persisted bundle cannot be trusted).
+    /// Returns how many were active.
+    pub fn freeze_all_agents(&self) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut frozen = 0;
+        {
+            let mut table = tx.open_table(AGENTS)?;
+            let mut records = Vec::new();
+            for row in table.iter()? {
+                let (_, v) = row?;
+                records.push(from_json::<AgentRecord>("agent", v.value())?);
+            }
+            for mut rec in records {
+                if rec.status != AgentStatus::Frozen {
+                    rec.status = AgentStatus::Frozen;
+                    table.insert(rec.id.as_str(), to_json(&rec).as_slice())?;
+                    frozen += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        self.agents.invalidate_all();
+        Ok(frozen)
+    }
+
+    /// The last persisted sync bundle (as received), if any.
+    pub fn sync_bundle(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BUNDLE)?;
+        Ok(table.get("current")?.map(|v| v.value().to_vec()))
+    }
+
+    /// Replaces the persisted sync bundle without applying it (tooling and tests).
+    pub fn put_sync_bundle(&self, raw: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(BUNDLE)?.insert("current", raw)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn cardholder(&self, agent_id: &str) -> Result<Option<String>, StoreError> {

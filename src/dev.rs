@@ -149,6 +149,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             args.agent_key.as_deref(),
         )
         .map_err(|e| format!("cannot create the demo agent: {e}"))?;
+    retire_previous_key(&service, &config.data_dir, &crate::auth::key_id(&key))?;
     let running = sidecar::start(
         service,
         config.listen,
@@ -208,6 +209,25 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Ok(Err(e)) => Err(format!("emulator failed: {e}")),
         Err(e) => Err(format!("emulator task failed: {e}")),
     }
+}
+
+/// Each `roony dev` run prints a demo key; the previous run's key stops working, so keys do
+/// not pile up in a data directory that is reused. Only the key id is remembered.
+fn retire_previous_key(
+    service: &Service,
+    data_dir: &std::path::Path,
+    current: &str,
+) -> Result<(), String> {
+    let path = data_dir.join("dev-agent-key-id");
+    if let Ok(previous) = std::fs::read_to_string(&path) {
+        let previous = previous.trim();
+        if !previous.is_empty() && previous != current {
+            service
+                .revoke_agent_key(previous)
+                .map_err(|e| format!("cannot retire the previous demo key: {e}"))?;
+        }
+    }
+    std::fs::write(&path, current).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 async fn shutdown_on_signal(stop: tokio::sync::watch::Sender<bool>) {

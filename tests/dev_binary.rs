@@ -189,3 +189,64 @@ fn sigterm(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Restarting `roony dev` on the same data directory retires the previous run's demo key.
+#[tokio::test]
+async fn a_restart_retires_the_previous_demo_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let run = |n: usize| {
+        let out = tmp.path().join(format!("stdout{n}.log"));
+        let err = tmp.path().join(format!("stderr{n}.log"));
+        let child = Child(
+            Command::new(env!("CARGO_BIN_EXE_roony"))
+                .args([
+                    "dev",
+                    "--sidecar-listen",
+                    "127.0.0.1:0",
+                    "--emulator-listen",
+                    "127.0.0.1:0",
+                    "--control-plane-listen",
+                    "127.0.0.1:0",
+                ])
+                .arg("--data-dir")
+                .arg(&data)
+                .env_remove("ROONY_DEV_AGENT_KEY")
+                .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+                .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        let line = wait_for(&err, "sidecar listening on");
+        let base = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string();
+        let key_line = wait_for(&out, "Agent key");
+        let key = key_line.split(": ").nth(1).unwrap().trim().to_string();
+        (child, base, key)
+    };
+    let budget = |base: String, key: String| async move {
+        reqwest::Client::new()
+            .get(format!("{base}/api/v1/budget"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let (first, base1, key1) = run(1);
+    assert_eq!(budget(base1, key1.clone()).await, 200);
+    drop(first);
+    let (_second, base2, key2) = run(2);
+    assert_ne!(key1, key2);
+    assert_eq!(budget(base2.clone(), key2).await, 200);
+    assert_eq!(
+        budget(base2, key1).await,
+        401,
+        "the previous run's key is revoked"
+    );
+}

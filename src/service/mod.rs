@@ -209,6 +209,16 @@ impl Service {
         Ok(new_key.plaintext)
     }
 
+    /// Revokes an agent key by its key id (a key that does not exist is left alone).
+    pub fn revoke_agent_key(&self, key_id: &str) -> Result<(), StoreError> {
+        if let Some(existing) = self.inner.store.agent_key(key_id)? {
+            let mut record = (*existing).clone();
+            record.revoked = true;
+            self.inner.store.put_agent_key(key_id, &record)?;
+        }
+        Ok(())
+    }
+
     /// Resolves a presented bearer key to its agent.
     pub fn authenticate(&self, presented: Option<&str>) -> Result<AgentIdentity, AuthError> {
         let key = presented

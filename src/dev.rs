@@ -114,7 +114,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Ok(listener) => {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let task = tokio::spawn(crate::control::serve_db(
-                control_db,
+                control_db.clone(),
                 listener,
                 stopped(stop_rx.clone()),
             ));
@@ -140,16 +140,35 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         mcp: args.mcp.config(),
     };
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
-    let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
-    let key = service
-        .create_agent(
-            DEMO_AGENT_ID,
-            "demo agent",
-            demo_policy(),
-            args.agent_key.as_deref(),
-        )
-        .map_err(|e| format!("cannot create the demo agent: {e}"))?;
-    retire_previous_key(&service, &config.data_dir, &crate::auth::key_id(&key))?;
+    let service = sidecar::build_service(store.clone(), &config).map_err(|e| e.to_string())?;
+    let (key, synced) = match &control {
+        // The control plane is the source of truth: the demo agent and its policy live there
+        // and reach the sidecar as a signed bundle, like any production sidecar.
+        Some((addr, _)) => {
+            let seeded = seed_control_plane(&control_db, args.agent_key.as_deref()).await?;
+            let _sync = sidecar::start_sync(
+                &store,
+                crate::sync::client::SyncConfig {
+                    control_plane_url: format!("http://{addr}"),
+                    sidecar_token: seeded.sidecar_token,
+                },
+            );
+            wait_for_agent(&service, &seeded.agent_key).await?;
+            (seeded.agent_key, true)
+        }
+        None => {
+            let key = service
+                .create_agent(
+                    DEMO_AGENT_ID,
+                    "demo agent",
+                    demo_policy(),
+                    args.agent_key.as_deref(),
+                )
+                .map_err(|e| format!("cannot create the demo agent: {e}"))?;
+            retire_previous_key(&service, &config.data_dir, &crate::auth::key_id(&key))?;
+            (key, false)
+        }
+    };
     let running = sidecar::start(
         service,
         config.listen,
@@ -170,10 +189,14 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Some((addr, _)) => {
             eprintln!("roony: control plane listening on http://{addr}");
             format!(
-                "Control plane:   http://{addr}/api/admin/v1 (spec at /api/admin/v1/openapi.json;\n                 \
-                 not yet synced with the sidecar)\n\
+                "Control plane:   http://{addr}/api/admin/v1 (spec at /api/admin/v1/openapi.json){}\n\
                  Admin token:     {admin_token}\n\
-                 List projects:   curl -s http://{addr}/api/admin/v1/projects -H 'Authorization: Bearer {admin_token}'\n"
+                 List projects:   curl -s http://{addr}/api/admin/v1/projects -H 'Authorization: Bearer {admin_token}'\n",
+                if synced {
+                    "; the sidecar syncs the demo agent's policy from it"
+                } else {
+                    ""
+                }
             )
         }
         None => "Control plane:   not running (its address was taken)\n".to_string(),
@@ -228,6 +251,99 @@ fn retire_previous_key(
         }
     }
     std::fs::write(&path, current).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+struct Seeded {
+    agent_key: String,
+    sidecar_token: String,
+}
+
+/// Puts the demo project, agent (with its policy and key) and a sidecar token into the
+/// control plane. On a reused data directory the agent is kept and its key rotated (the
+/// previous run's key stops working) unless the fixed `--agent-key` is already its key.
+async fn seed_control_plane(
+    db: &crate::control::db::ControlDb,
+    fixed_key: Option<&str>,
+) -> Result<Seeded, String> {
+    use crate::control::db::{Actor, DbError};
+    let err = |what: &str, e: DbError| format!("cannot seed the control plane ({what}): {e}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let actor = Actor::system();
+    let org = db
+        .ensure_default_org(now)
+        .await
+        .map_err(|e| err("organization", e))?;
+    let projects = db
+        .list_projects(Some(&org.id))
+        .await
+        .map_err(|e| err("projects", e))?;
+    let project = match projects.into_iter().find(|p| p.name == "demo") {
+        Some(p) => p,
+        None => db
+            .create_project(&org.id, "demo", &actor, now)
+            .await
+            .map_err(|e| err("project", e))?,
+    };
+    let key = match fixed_key {
+        Some(k) => crate::auth::from_plaintext(k).map_err(|e| e.to_string())?,
+        None => crate::auth::generate(),
+    };
+    match db.get_agent(DEMO_AGENT_ID).await {
+        Ok(_) => {
+            let keys = db
+                .list_agent_keys(DEMO_AGENT_ID)
+                .await
+                .map_err(|e| err("agent keys", e))?;
+            let current = keys
+                .iter()
+                .any(|k| k.key_id == key.key_id && k.revoked_at.is_none());
+            if !current {
+                db.rotate_agent_key(DEMO_AGENT_ID, &key, &actor, now)
+                    .await
+                    .map_err(|e| err("agent key", e))?;
+            }
+        }
+        Err(DbError::NotFound(_)) => {
+            db.create_agent(
+                &project.id,
+                Some(DEMO_AGENT_ID),
+                "demo agent",
+                &key,
+                &actor,
+                now,
+            )
+            .await
+            .map_err(|e| err("agent", e))?;
+        }
+        Err(e) => return Err(err("agent", e)),
+    }
+    let policy = serde_json::to_string(&demo_policy()).map_err(|e| e.to_string())?;
+    db.put_policy(DEMO_AGENT_ID, &policy, &actor, now)
+        .await
+        .map_err(|e| err("policy", e))?;
+    let token = crate::auth::generate();
+    db.create_sidecar(&project.id, "roony dev sidecar", &token, &actor, now)
+        .await
+        .map_err(|e| err("sidecar", e))?;
+    Ok(Seeded {
+        agent_key: key.plaintext.clone(),
+        sidecar_token: token.plaintext.clone(),
+    })
+}
+
+/// Waits (up to 10 s) until the first bundle has put the demo agent's key in the sidecar.
+async fn wait_for_agent(service: &Service, key: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while service.authenticate(Some(key)).is_err() {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the sidecar did not receive the demo agent from the control plane".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    Ok(())
 }
 
 async fn shutdown_on_signal(stop: tokio::sync::watch::Sender<bool>) {

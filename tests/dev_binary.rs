@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+const ADMIN_TOKEN: &str = "roony-dev-admin-token-0123456789";
+
 struct Child(std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {
@@ -63,6 +65,7 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
             .arg("--data-dir")
             .arg(&data)
             .env("ROONY_DEV_AGENT_KEY", key)
+            .env("ROONY_DEV_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "trace")
             .stdout(Stdio::from(std::fs::File::create(&stdout_path).unwrap()))
             .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
@@ -71,6 +74,13 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
     );
     let line = wait_for(&stderr_path, "sidecar listening on");
     let base = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let line = wait_for(&stderr_path, "control plane listening on");
+    let control = line
         .split("listening on ")
         .nth(1)
         .unwrap()
@@ -138,6 +148,33 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
         .as_str()
         .unwrap_or_else(|| panic!("no card in {mcp}"))
         .to_string();
+
+    // The control plane is the source of truth: an admin's policy edit reaches the sidecar
+    // within a second.
+    let mut policy = roony::dev::demo_policy();
+    policy.max_per_transaction = Some(500);
+    let r = client
+        .put(format!("{control}/api/admin/v1/agents/agt_demo/policy"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let edited = std::time::Instant::now();
+    loop {
+        let r = buy(json!({"amount":1000,"currency":"usd","merchant":{"name":"Shop","url":"https://shop.example"},"description":"after the edit"})).await.unwrap();
+        if r.status() == 402 {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["reasons"][0]["code"], "exceeds_transaction_limit");
+            break;
+        }
+        assert!(
+            edited.elapsed() < Duration::from_secs(1),
+            "the policy edit did not reach the sidecar within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Stop gracefully so everything is flushed, then scan.
     sigterm(child.0.id());

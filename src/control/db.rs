@@ -401,11 +401,36 @@ impl ControlDb {
         w.eq_text("action", &filter.action);
         w.cmp_int("created_at", ">=", filter.created_from);
         w.cmp_int("created_at", "<", filter.created_to);
+        self.fetch_page(
+            "SELECT id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details \
+             FROM audit_events",
+            w,
+            limit,
+            cursor,
+            audit_from_row,
+            |e| Cursor {
+                created_at: e.created_at,
+                id: e.id.clone(),
+            },
+        )
+        .await
+    }
+
+    /// One keyset page, newest first: `select` (`SELECT … FROM table`) filtered by `w`, rows
+    /// strictly older than `cursor`, at most `limit` (one more is read to know if more exist).
+    async fn fetch_page<T>(
+        &self,
+        select: &str,
+        mut w: Where,
+        limit: i64,
+        cursor: Option<Cursor>,
+        from_row: fn(&AnyRow) -> Result<T, DbError>,
+        key: impl Fn(&T) -> Cursor,
+    ) -> Result<Page<T>, DbError> {
         w.before_cursor(&cursor);
         let n = w.next();
         let sql = format!(
-            "SELECT id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details \
-             FROM audit_events{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
+            "{select}{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
             w.sql()
         );
         let mut args = w.args;
@@ -413,14 +438,8 @@ impl ControlDb {
         let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
             .fetch_all(&self.pool)
             .await?;
-        let items = rows
-            .iter()
-            .map(audit_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_rows(items, limit, |e| Cursor {
-            created_at: e.created_at,
-            id: e.id.clone(),
-        }))
+        let items = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::from_rows(items, limit, key))
     }
 
     // ----- organizations and projects ---------------------------------------------------
@@ -1136,26 +1155,19 @@ impl ControlDb {
         limit: i64,
         cursor: Option<Cursor>,
     ) -> Result<Page<Intent>, DbError> {
-        let mut w = ledger_where(filter, "status");
-        w.before_cursor(&cursor);
-        let n = w.next();
-        let sql = format!(
-            "SELECT {INTENT_COLUMNS} FROM intents{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
-            w.sql()
-        );
-        let mut args = w.args;
-        args.push(Arg::Int(limit + 1));
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows
-            .iter()
-            .map(intent_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_rows(items, limit, |i| Cursor {
-            created_at: i.created_at,
-            id: i.id.clone(),
-        }))
+        let w = ledger_where(filter, "status");
+        self.fetch_page(
+            &format!("SELECT {INTENT_COLUMNS} FROM intents"),
+            w,
+            limit,
+            cursor,
+            intent_from_row,
+            |i| Cursor {
+                created_at: i.created_at,
+                id: i.id.clone(),
+            },
+        )
+        .await
     }
 
     pub async fn list_decisions(
@@ -1164,26 +1176,19 @@ impl ControlDb {
         limit: i64,
         cursor: Option<Cursor>,
     ) -> Result<Page<Decision>, DbError> {
-        let mut w = ledger_where(filter, "outcome");
-        w.before_cursor(&cursor);
-        let n = w.next();
-        let sql = format!(
-            "SELECT {DECISION_COLUMNS} FROM decisions{} ORDER BY created_at DESC, id DESC LIMIT ${n}",
-            w.sql()
-        );
-        let mut args = w.args;
-        args.push(Arg::Int(limit + 1));
-        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows
-            .iter()
-            .map(decision_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page::from_rows(items, limit, |d| Cursor {
-            created_at: d.created_at,
-            id: d.id.clone(),
-        }))
+        let w = ledger_where(filter, "outcome");
+        self.fetch_page(
+            &format!("SELECT {DECISION_COLUMNS} FROM decisions"),
+            w,
+            limit,
+            cursor,
+            decision_from_row,
+            |d| Cursor {
+                created_at: d.created_at,
+                id: d.id.clone(),
+            },
+        )
+        .await
     }
 
     /// Approves or denies an intent that is `pending_approval`: the intent moves to

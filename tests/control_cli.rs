@@ -2,57 +2,11 @@
 //! `roony control-plane` and the control plane inside `roony dev`, as the real binary.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
+mod common;
+
+use common::process::{Child, stop, url_after, wait_for};
 use serde_json::{Value, json};
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &std::path::Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {needle:?}; got:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn url_after(line: &str) -> String {
-    line.split("listening on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn stop(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let start = Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(child.0.try_wait().unwrap().unwrap().success());
-}
 
 #[tokio::test]
 async fn control_plane_command_serves_the_admin_api() {
@@ -88,7 +42,7 @@ async fn control_plane_command_serves_the_admin_api() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    stop(&mut child);
+    assert!(stop(&mut child).success());
     assert!(
         data.join("control.db").exists(),
         "SQLite file in --data-dir"
@@ -120,7 +74,7 @@ async fn control_plane_command_serves_the_admin_api() {
         .await
         .unwrap();
     assert_eq!(projects["items"][0]["name"], "cli");
-    stop(&mut child);
+    assert!(stop(&mut child).success());
 }
 
 #[test]
@@ -192,6 +146,6 @@ async fn dev_starts_the_control_plane() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    stop(&mut child);
+    assert!(stop(&mut child).success());
     assert!(data.join("control-plane").join("control.db").exists());
 }

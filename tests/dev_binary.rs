@@ -4,34 +4,14 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
+
+use common::process::{Child, stop, wait_for};
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "roony-dev-admin-token-0123456789";
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &std::path::Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {needle:?}; got:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -177,16 +157,8 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
     }
 
     // Stop gracefully so everything is flushed, then scan.
-    sigterm(child.0.id());
     let mut child = child;
-    let start = Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "dev did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop(&mut child);
     let mut files = vec![stdout_path, stderr_path.clone()];
     walk(&data, &mut files);
     assert!(files.len() >= 3, "the data dir holds the database");
@@ -217,14 +189,6 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
             f.display()
         );
     }
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// Restarting `roony dev` on the same data directory retires the previous run's demo key.

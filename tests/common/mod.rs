@@ -3,6 +3,8 @@
 //! store in a temporary directory, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

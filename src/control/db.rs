@@ -1486,6 +1486,7 @@ impl ControlDb {
                     status: a.try_get("status")?,
                     policy: document.as_deref().map(parse_json).transpose()?,
                     keys: by_agent.remove(&id).unwrap_or_default(),
+                    budgets: Vec::new(),
                     id,
                 })
             })

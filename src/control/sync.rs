@@ -74,17 +74,20 @@ pub async fn bundle(
         // Revision first, content second: the content is at least as new as the revision.
         let revision = state.db.config_revision().await?;
         let agents = state.db.bundle_agents(&sidecar.project_id).await?;
-        let etag = wire::content_etag(&sidecar.project_id, &agents);
+        let mut bundle = Bundle {
+            format: wire::FORMAT,
+            revision,
+            etag: String::new(),
+            generated_at: super::unix_now(),
+            project_id: sidecar.project_id.clone(),
+            agents,
+            budgets: Vec::new(),
+            approvals: Vec::new(),
+            signature: String::new(),
+        };
+        let etag = wire::content_etag(&bundle);
         if known.as_deref() != Some(etag.as_str()) {
-            let mut bundle = Bundle {
-                format: wire::FORMAT,
-                revision,
-                etag,
-                generated_at: super::unix_now(),
-                project_id: sidecar.project_id.clone(),
-                agents,
-                signature: String::new(),
-            };
+            bundle.etag = etag;
             wire::sign(&mut bundle, token);
             tracing::debug!(sidecar = %sidecar.id, revision, "serving bundle");
             return Ok(with_etag(

@@ -19,6 +19,14 @@ pub const BUNDLE_PATH: &str = "/api/sync/v1/bundle";
 pub const MAX_WAIT_SECONDS: u64 = 30;
 /// Prefix of generated sidecar tokens.
 pub const SIDECAR_TOKEN_PREFIX: &str = "roony_st_";
+/// Where sidecars deliver their outbox (events up).
+pub const EVENTS_PATH: &str = "/api/sync/v1/events";
+/// Most events in one [`EventBatch`].
+pub const MAX_EVENTS_PER_BATCH: usize = 500;
+/// Where sidecars ask for allowances (leases) of shared budgets.
+pub const LEASES_PATH: &str = "/api/sync/v1/leases";
+/// Most leases in one [`LeaseRequest`].
+pub const MAX_LEASES_PER_REQUEST: usize = 100;
 
 /// Everything a sidecar needs to enforce its project's policies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,14 +35,22 @@ pub struct Bundle {
     pub format: u32,
     /// The control plane's configuration revision the bundle was built at (monotonic).
     pub revision: i64,
-    /// Hex digest of the bundle's content (`project_id` and `agents`): equal content, equal
-    /// ETag. Sent as the HTTP `ETag` (quoted).
+    /// Hex digest of the bundle's content (see [`content_etag`]): equal content, equal ETag.
+    /// Sent as the HTTP `ETag` (quoted).
     pub etag: String,
     /// Unix seconds.
     pub generated_at: i64,
     pub project_id: String,
     /// Every agent of the project, ordered by id.
     pub agents: Vec<BundleAgent>,
+    /// Shared budgets that apply to every agent of the project: the project's own and its
+    /// organization's, ordered by id. They are spent through leases (see [`LeaseRequest`]).
+    #[serde(default)]
+    pub budgets: Vec<BundleBudget>,
+    /// Administrators' decisions on `pending_approval` intents of this project that the
+    /// sidecar has not yet acted on (reported back through events), ordered by intent id.
+    #[serde(default)]
+    pub approvals: Vec<BundleApproval>,
     /// Hex HMAC-SHA256 (see the module documentation). Empty while being signed.
     #[serde(default)]
     pub signature: String,
@@ -50,6 +66,178 @@ pub struct BundleAgent {
     pub policy: Option<Value>,
     /// Every key of the agent, ordered by key id.
     pub keys: Vec<BundleKey>,
+    /// Budgets set on this agent through the admin API, ordered by id. Enforced locally by
+    /// the sidecar, in addition to the budgets of the policy document.
+    #[serde(default)]
+    pub budgets: Vec<BundleBudget>,
+}
+
+/// A budget set through the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleBudget {
+    pub id: String,
+    /// `org`, `project` or `agent`.
+    pub scope: String,
+    pub scope_id: String,
+    /// `daily`, `weekly`, `monthly` or `all_time` (UTC calendar periods).
+    pub period: String,
+    /// ISO 4217; the budget counts purchases in this currency only.
+    pub currency: String,
+    /// Minor units.
+    pub limit: i64,
+}
+
+/// An administrator's decision on a `pending_approval` intent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleApproval {
+    pub intent_id: String,
+    pub agent_id: String,
+    /// `true`: approved (the sidecar issues the card); `false`: denied.
+    pub approved: bool,
+    pub note: Option<String>,
+    /// Who decided (the admin token's or user's name).
+    pub actor: String,
+    /// Unix seconds.
+    pub decided_at: i64,
+}
+
+// ----- events up ------------------------------------------------------------------------
+
+/// `POST /api/sync/v1/events`: events from a sidecar's outbox, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Always [`FORMAT`].
+    pub format: u32,
+    pub events: Vec<SyncEvent>,
+}
+
+/// One change of one intent at a sidecar. Delivered at least once; the control plane
+/// applies each `id` once, and applies an intent snapshot only if its `version` is newer
+/// than the one it holds, so redelivery and reordering are harmless.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncEvent {
+    /// `"{intent_id}.{version}"`: the same for every delivery of this event.
+    pub id: String,
+    /// What happened, also the audit action: `intent.decided`, `intent.issued`,
+    /// `intent.failed`, `intent.canceled`, `intent.expired`, `intent.approved`,
+    /// `intent.denied`.
+    pub action: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// The intent after the change.
+    pub intent: IntentSnapshot,
+}
+
+/// An intent as the sidecar holds it (never a card number or CVC).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IntentSnapshot {
+    pub id: String,
+    pub agent_id: String,
+    /// Increases with every change of the intent at the sidecar (1 at the decision).
+    pub version: i64,
+    /// `issuing`, `approved`, `declined`, `pending_approval`, `failed`, `canceled`,
+    /// `expired`.
+    pub status: String,
+    pub amount: i64,
+    pub currency: String,
+    pub merchant_name: String,
+    pub merchant_domain: Option<String>,
+    pub merchant_country: Option<String>,
+    pub description: Option<String>,
+    /// Minor units held against budgets now (0 once released).
+    pub reserved: i64,
+    pub decision: DecisionSnapshot,
+    /// Reason code of the last status change (e.g. `card_issuance_failed`).
+    pub status_reason: Option<String>,
+    pub card: Option<CardSnapshot>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionSnapshot {
+    pub id: String,
+    /// `approved`, `declined` or `pending_approval`.
+    pub outcome: String,
+    /// Reason codes.
+    pub reasons: Vec<String>,
+    pub decided_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CardSnapshot {
+    pub stripe_card_id: String,
+    pub last4: String,
+    pub exp_month: i64,
+    pub exp_year: i64,
+    pub spending_limit: i64,
+}
+
+/// The answer to an [`EventBatch`]: every event of the batch is settled (the sidecar
+/// deletes them all from its outbox).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventAck {
+    /// Applied now.
+    pub accepted: usize,
+    /// Seen before (ignored).
+    pub duplicates: usize,
+    /// Refused for good (e.g. an agent that is not in the sidecar's project); recorded as
+    /// failed audit events at the control plane.
+    pub rejected: Vec<RejectedEvent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedEvent {
+    pub id: String,
+    pub code: String,
+    pub message: String,
+}
+
+// ----- leases of shared budgets -----------------------------------------------------------
+
+/// `POST /api/sync/v1/leases`: the allowances this sidecar wants to hold now.
+///
+/// Invariant kept by the control plane: for every shared budget and bucket, the sum of the
+/// allowances granted to all sidecars never exceeds the budget's limit at the time of each
+/// grant. A sidecar approves against a shared budget only while its reservations in that
+/// bucket stay within the allowance it holds, so the total approved never exceeds the limit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// Always [`FORMAT`].
+    pub format: u32,
+    /// Increases with every lease request of this sidecar; the control plane ignores a
+    /// request older than the newest it has applied for a lease (a late retry).
+    pub seq: i64,
+    pub leases: Vec<LeaseWant>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseWant {
+    pub budget_id: String,
+    /// The period bucket (Unix seconds of its start, UTC; 0 for `all_time`).
+    pub bucket_start: i64,
+    /// The total allowance wanted for this bucket (not an increment): more than held asks
+    /// for more, less gives the difference back. Minor units, ≥ 0.
+    pub want: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    /// One grant per requested lease, in request order.
+    pub leases: Vec<LeaseGrant>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub budget_id: String,
+    pub bucket_start: i64,
+    /// The allowance this sidecar now holds: `min(want, limit − granted to others)`, never
+    /// negative; 0 for a budget that no longer exists or does not apply to this sidecar.
+    pub granted: i64,
+    /// The budget's limit (0 if it does not exist).
+    pub limit: i64,
+    /// Granted to all sidecars together, this one included, after this grant.
+    pub leased_total: i64,
 }
 
 /// A key as the sidecar verifies it: its id and the SHA-256 hex of the key, never the key.
@@ -107,12 +295,15 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
-/// The ETag of a project's content.
-pub fn content_etag(project_id: &str, agents: &[BundleAgent]) -> String {
+/// The ETag of a bundle's content: its format, project, agents, budgets and approvals (not
+/// its revision, time, ETag or signature).
+pub fn content_etag(bundle: &Bundle) -> String {
     let content = serde_json::json!({
-        "format": FORMAT,
-        "project_id": project_id,
-        "agents": serde_json::to_value(agents).unwrap_or_default(),
+        "format": bundle.format,
+        "project_id": bundle.project_id,
+        "agents": serde_json::to_value(&bundle.agents).unwrap_or_default(),
+        "budgets": serde_json::to_value(&bundle.budgets).unwrap_or_default(),
+        "approvals": serde_json::to_value(&bundle.approvals).unwrap_or_default(),
     });
     hex::encode(&Sha256::digest(canonical(&content).as_bytes())[..16])
 }
@@ -187,16 +378,21 @@ mod tests {
                 key_hash: "00".into(),
                 revoked: false,
             }],
+            budgets: vec![],
         }];
-        Bundle {
+        let mut b = Bundle {
             format: FORMAT,
             revision: 3,
-            etag: content_etag("prj_1", &agents),
+            etag: String::new(),
             generated_at: 10,
             project_id: "prj_1".into(),
             agents,
+            budgets: vec![],
+            approvals: vec![],
             signature: String::new(),
-        }
+        };
+        b.etag = content_etag(&b);
+        b
     }
 
     #[test]
@@ -241,6 +437,22 @@ mod tests {
     fn canonical_sorts_keys() {
         let v: Value = serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":null}}"#).unwrap();
         assert_eq!(canonical(&v), r#"{"a":{"c":null,"d":[1,"x"]},"b":1}"#);
-        assert_ne!(content_etag("p", &[]), content_etag("q", &[]));
+        let mut a = bundle();
+        let before = content_etag(&a);
+        a.revision += 1;
+        a.generated_at += 1;
+        assert_eq!(content_etag(&a), before, "revision and time are not content");
+        a.approvals.push(BundleApproval {
+            intent_id: "pur_1".into(),
+            agent_id: "agt_1".into(),
+            approved: true,
+            note: None,
+            actor: "admin".into(),
+            decided_at: 1,
+        });
+        assert_ne!(content_etag(&a), before);
+        let mut b = bundle();
+        b.project_id = "prj_2".into();
+        assert_ne!(content_etag(&b), before);
     }
 }

@@ -98,6 +98,7 @@ fn bench(c: &mut Criterion) {
     let usage = Usage {
         committed: [10_000, 30_000, 90_000, 200_000],
         velocity_counts: vec![3, 20],
+        shared: vec![],
     };
     let now = 1_795_335_491;
     c.bench_function("policy_evaluate_50_rules_approve", |b| {

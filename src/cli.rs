@@ -81,6 +81,11 @@ pub struct SidecarArgs {
         hide_env_values = true
     )]
     pub sidecar_token: Option<String>,
+    /// With a control plane: after this many seconds without reaching it, every purchase is
+    /// declined with `control_plane_unreachable` (shared budgets decline sooner, once the
+    /// allowance this sidecar holds is spent).
+    #[arg(long, env = "ROONY_OFFLINE_LIMIT", default_value_t = 3600)]
+    pub offline_limit: u64,
 }
 
 #[derive(Args, Debug)]
@@ -242,17 +247,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                 mcp: args.mcp.config(),
             };
             let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
+            let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
             let _sync = match (args.control_plane_url, args.sidecar_token) {
-                (Some(control_plane_url), Some(sidecar_token)) => Some(sidecar::start_sync(
-                    &store,
-                    crate::sync::client::SyncConfig {
-                        control_plane_url,
-                        sidecar_token,
-                    },
-                )),
+                (Some(control_plane_url), Some(sidecar_token)) => Some(
+                    sidecar::start_sync(
+                        &service,
+                        crate::sync::client::SyncConfig {
+                            control_plane_url,
+                            sidecar_token,
+                        },
+                        std::time::Duration::from_secs(args.offline_limit),
+                    )
+                    .map_err(|e| e.to_string())?,
+                ),
                 _ => None,
             };
-            let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
             let running = sidecar::start(
                 service,
                 config.listen,

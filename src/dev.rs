@@ -147,12 +147,14 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Some((addr, _)) => {
             let seeded = seed_control_plane(&control_db, args.agent_key.as_deref()).await?;
             let _sync = sidecar::start_sync(
-                &store,
+                &service,
                 crate::sync::client::SyncConfig {
                     control_plane_url: format!("http://{addr}"),
                     sidecar_token: seeded.sidecar_token,
                 },
-            );
+                crate::sync::upstream::DEFAULT_OFFLINE_LIMIT,
+            )
+            .map_err(|e| e.to_string())?;
             wait_for_agent(&service, &seeded.agent_key).await?;
             (seeded.agent_key, true)
         }

@@ -29,6 +29,8 @@ pub enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error("cannot set up MCP: {0}")]
     Mcp(String),
+    #[error("cannot set up sync: {0}")]
+    Sync(String),
 }
 
 /// Opens the sidecar database in `data_dir` (created if needed).
@@ -54,16 +56,25 @@ pub fn build_service(store: Store, config: &SidecarConfig) -> Result<Service, St
 
 /// Starts sync with the control plane (see `crate::sync`): applies the persisted bundle
 /// first — so a sidecar whose control plane is down enforces the last good policy — then
-/// long-polls for new bundles in the background. Call before serving.
+/// long-polls for new bundles, delivers the outbox and keeps shared-budget leases in the
+/// background, and attaches the control plane to the service (leases, offline limit). Call
+/// before serving.
 pub fn start_sync(
-    store: &Store,
+    service: &Service,
     config: crate::sync::client::SyncConfig,
-) -> tokio::task::JoinHandle<()> {
+    offline_limit: std::time::Duration,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
     eprintln!(
-        "roony: syncing policies from {}",
+        "roony: syncing with the control plane at {}",
         crate::control::redact_url(config.control_plane_url.trim_end_matches('/'))
     );
-    let (restored, task) = crate::sync::client::start(store.clone(), config);
+    let store = service.store().clone();
+    let upstream = Arc::new(
+        crate::sync::upstream::Upstream::new(config.clone(), offline_limit, store.lease_seq()?)
+            .map_err(|e| StartError::Sync(e.to_string()))?,
+    );
+    service.attach_upstream(upstream.clone());
+    let (restored, tasks) = crate::sync::client::start_with_upstream(store, config, upstream);
     match restored {
         Ok(Some(revision)) => {
             eprintln!("roony: applied the persisted policy bundle (revision {revision})")
@@ -71,7 +82,7 @@ pub fn start_sync(
         Ok(None) => {}
         Err(e) => eprintln!("roony: {e}"),
     }
-    task
+    Ok(tasks)
 }
 
 /// A running sidecar.

@@ -91,7 +91,7 @@ async fn unused_cards_expire_and_release_even_across_a_restart() {
         "reservation survived"
     );
     assert_eq!(svc.expire_due().await.unwrap(), 1);
-    let got = svc.get_purchase(&agent, &intent_id).unwrap();
+    let got = svc.get_purchase(&agent, &intent_id).await.unwrap();
     assert_eq!(got.status, StatusView::Expired);
     assert!(
         got.reasons
@@ -131,7 +131,10 @@ async fn expiry_retries_while_stripe_is_down() {
     emu.faults(json!({})).await;
     assert_eq!(svc.expire_due().await.unwrap(), 1);
     assert_eq!(
-        svc.get_purchase(&agent, &out.intent.id).unwrap().status,
+        svc.get_purchase(&agent, &out.intent.id)
+            .await
+            .unwrap()
+            .status,
         StatusView::Expired
     );
 }

@@ -233,7 +233,7 @@ async fn get_purchase_intent(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<IntentView>, ApiError> {
     let id = intent_id(id)?;
-    Ok(Json(state.service.get_purchase(&agent, &id)?))
+    Ok(Json(state.service.get_purchase(&agent, &id).await?))
 }
 
 #[derive(Deserialize, IntoParams)]

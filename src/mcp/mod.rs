@@ -416,6 +416,7 @@ impl RoonyMcp {
         let agent = agent_of(&ctx).map_err(|e| e.message.to_string())?;
         self.service
             .get_purchase(&agent, &p.id)
+            .await
             .map(Json)
             .map_err(text_error)
     }
@@ -500,6 +501,7 @@ impl RoonyMcp {
         let options = PurchaseOptions {
             confirmation,
             intent_id,
+            ..PurchaseOptions::default()
         };
         match self
             .service

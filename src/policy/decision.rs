@@ -49,6 +49,13 @@ pub enum ReasonCode {
     IntentExpired,
     /// Canceled by the agent; the reservation was released.
     IntentCanceled,
+    /// The decision needs the control plane (an allowance of a shared budget, or a policy
+    /// bundle fresher than the sidecar's offline limit) and it cannot be reached.
+    ControlPlaneUnreachable,
+    /// A `pending_approval` intent approved by an administrator.
+    ApprovedByAdmin,
+    /// A `pending_approval` intent denied by an administrator.
+    DeniedByAdmin,
 }
 
 impl ReasonCode {
@@ -71,6 +78,9 @@ impl ReasonCode {
             ReasonCode::CardIssuanceFailed => "card_issuance_failed",
             ReasonCode::IntentExpired => "intent_expired",
             ReasonCode::IntentCanceled => "intent_canceled",
+            ReasonCode::ControlPlaneUnreachable => "control_plane_unreachable",
+            ReasonCode::ApprovedByAdmin => "approved_by_admin",
+            ReasonCode::DeniedByAdmin => "denied_by_admin",
         }
     }
 }
@@ -91,9 +101,49 @@ impl Reason {
     }
 }
 
+/// Whose budget it is.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScope {
+    /// The agent's own budget (its policy's, or set on the agent by an administrator).
+    #[default]
+    Agent,
+    /// Shared by every agent of the project, on every sidecar.
+    Project,
+    /// Shared by every project of the organization.
+    Org,
+}
+
+impl BudgetScope {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetScope::Agent => "agent",
+            BudgetScope::Project => "project",
+            BudgetScope::Org => "org",
+        }
+    }
+}
+
 /// One budget of the agent, as of a decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
 pub struct BudgetStatus {
+    /// `agent`, or `project`/`org` for a shared budget. For a shared budget, `remaining` is
+    /// what this sidecar may still approve now (its allowance from the control plane), and
+    /// `committed` is the rest of the limit.
+    #[serde(default)]
+    pub scope: BudgetScope,
     #[schema(value_type = String, example = "daily")]
     pub period: Period,
     /// The limit, in minor units.

@@ -6,7 +6,7 @@
 mod decision;
 mod rules;
 
-pub use decision::{BudgetStatus, Decision, Outcome, Reason, ReasonCode};
+pub use decision::{BudgetScope, BudgetStatus, Decision, Outcome, Reason, ReasonCode};
 pub use rules::{
     BudgetRule, CompiledPolicy, ListRule, MerchantRules, Policy, PolicyError, VelocityRule,
 };
@@ -26,6 +26,22 @@ pub struct Usage {
     /// For each velocity rule of the policy, in order, how many intents the agent made in
     /// that rule's window before this one.
     pub velocity_counts: Vec<u32>,
+    /// Shared (project and organization) budgets in the intent's currency, as this sidecar
+    /// holds them.
+    pub shared: Vec<SharedUsage>,
+}
+
+/// A shared budget as one sidecar sees it: the allowance (lease) the control plane granted
+/// it for the current bucket, minus what it has reserved in that bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedUsage {
+    pub scope: BudgetScope,
+    pub period: Period,
+    pub limit: i64,
+    /// Allowance left to this sidecar, minor units.
+    pub available: i64,
+    /// The sidecar needed a larger allowance and could not reach the control plane.
+    pub unreachable: bool,
 }
 
 impl Usage {
@@ -47,6 +63,8 @@ pub fn period_index(period: Period) -> usize {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AgentState {
     pub frozen: bool,
+    /// The sidecar has been out of touch with its control plane for longer than allowed.
+    pub control_plane_unreachable: bool,
     /// What the human in front of the agent said, if they were asked.
     pub confirmation: Confirmation,
 }
@@ -82,6 +100,13 @@ pub fn evaluate(
         ));
     }
 
+    if agent.control_plane_unreachable {
+        reasons.push(Reason::new(
+            ReasonCode::ControlPlaneUnreachable,
+            "this sidecar has been out of touch with the control plane for longer than its offline limit; purchases are declined until it reconnects — retry later",
+        ));
+    }
+
     if amount.currency != currency {
         reasons.push(Reason::new(
             ReasonCode::CurrencyNotAllowed,
@@ -107,12 +132,31 @@ pub fn evaluate(
     }
 
     let budgets = budget_statuses(policy, usage, now);
-    for b in &budgets {
-        if amount.amount > b.remaining {
+    for (i, b) in budgets.iter().enumerate() {
+        let unreachable = i
+            .checked_sub(policy.budgets.len())
+            .and_then(|j| usage.shared.get(j))
+            .is_some_and(|s| s.unreachable);
+        if amount.amount > b.remaining && unreachable {
+            reasons.push(Reason::new(
+                ReasonCode::ControlPlaneUnreachable,
+                format!(
+                    "the {} {} budget is shared with other sidecars; this sidecar has {} of it left and cannot reach the control plane for more — retry later",
+                    b.scope.as_str(),
+                    b.period.as_str().replace('_', "-"),
+                    Money::new(b.remaining.max(0), currency),
+                ),
+            ));
+        } else if amount.amount > b.remaining {
             reasons.push(Reason::new(
                 ReasonCode::ExceedsBudget,
                 format!(
-                    "{} budget has {} left of {}; this purchase needs {}{}",
+                    "{}{} budget has {} left of {}; this purchase needs {}{}",
+                    match b.scope {
+                        BudgetScope::Agent => "",
+                        BudgetScope::Project => "shared project ",
+                        BudgetScope::Org => "shared organization ",
+                    },
                     b.period.as_str().replace('_', "-"),
                     Money::new(b.remaining.max(0), currency),
                     Money::new(b.limit, currency),
@@ -207,21 +251,28 @@ pub fn evaluate(
     }
 }
 
+/// The agent's budgets (policy order), then the shared budgets (usage order).
 fn budget_statuses(policy: &CompiledPolicy, usage: &Usage, now: UnixSeconds) -> Vec<BudgetStatus> {
-    policy
-        .budgets
-        .iter()
-        .map(|rule| {
-            let committed = usage.committed_in(rule.period);
-            BudgetStatus {
-                period: rule.period,
-                limit: rule.limit,
-                committed,
-                remaining: rule.limit - committed,
-                resets_at: rule.period.resets_at(now),
-            }
-        })
-        .collect()
+    let own = policy.budgets.iter().map(|rule| {
+        let committed = usage.committed_in(rule.period);
+        BudgetStatus {
+            scope: BudgetScope::Agent,
+            period: rule.period,
+            limit: rule.limit,
+            committed,
+            remaining: rule.limit - committed,
+            resets_at: rule.period.resets_at(now),
+        }
+    });
+    let shared = usage.shared.iter().map(|s| BudgetStatus {
+        scope: s.scope,
+        period: s.period,
+        limit: s.limit,
+        committed: s.limit - s.available,
+        remaining: s.available,
+        resets_at: s.period.resets_at(now),
+    });
+    own.chain(shared).collect()
 }
 
 /// The card's spending limit may exceed the amount by the policy's buffer, but the buffer

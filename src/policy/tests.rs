@@ -41,6 +41,7 @@ fn usage(daily: i64) -> Usage {
     Usage {
         committed: [daily, daily, daily, daily],
         velocity_counts: vec![],
+        shared: vec![],
     }
 }
 
@@ -313,4 +314,60 @@ fn matches_reference_model_on_a_grid() {
             assert_eq!(d.reserve, if expect_ok { amount } else { 0 });
         }
     }
+}
+
+fn shared(scope: crate::policy::BudgetScope, available: i64, unreachable: bool) -> SharedUsage {
+    SharedUsage {
+        scope,
+        period: crate::domain::time::Period::Daily,
+        limit: 50_000,
+        available,
+        unreachable,
+    }
+}
+
+/// Shared budgets decline like the agent's own, with the scope in the message; when the
+/// allowance is short because the control plane is unreachable, the code says so.
+#[test]
+fn shared_budgets_and_partitions() {
+    use crate::policy::BudgetScope;
+    let p = demo_policy().compile().unwrap();
+    let mut u = usage(0);
+    u.shared = vec![shared(BudgetScope::Project, 5_000, false)];
+    let ok = evaluate(&p, &intent(5_000), &u, AgentState::default(), NOW);
+    assert_eq!(ok.outcome, Outcome::Approved);
+    let project = ok
+        .budgets
+        .iter()
+        .find(|b| b.scope == BudgetScope::Project)
+        .unwrap();
+    assert_eq!((project.remaining, project.limit), (0, 50_000));
+    // The buffer shrinks to fit the shared allowance too.
+    assert_eq!(ok.reserve, 5_000);
+
+    let d = evaluate(&p, &intent(5_001), &u, AgentState::default(), NOW);
+    assert_eq!(codes(&d), ["exceeds_budget"]);
+    assert!(d.reasons[0].message.contains("shared project daily budget"));
+
+    u.shared = vec![
+        shared(BudgetScope::Project, 9_000, false),
+        shared(BudgetScope::Org, 100, true),
+    ];
+    let d = evaluate(&p, &intent(5_000), &u, AgentState::default(), NOW);
+    assert_eq!(codes(&d), ["control_plane_unreachable"]);
+    // Within the allowance it holds, an unreachable control plane does not matter.
+    let d = evaluate(&p, &intent(100), &u, AgentState::default(), NOW);
+    assert_eq!(d.outcome, Outcome::Approved);
+
+    let d = evaluate(
+        &p,
+        &intent(100),
+        &usage(0),
+        AgentState {
+            control_plane_unreachable: true,
+            ..Default::default()
+        },
+        NOW,
+    );
+    assert_eq!(codes(&d), ["control_plane_unreachable"]);
 }

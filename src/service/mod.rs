@@ -130,6 +130,8 @@ struct Inner {
     issuer: Issuer,
     config: ServiceConfig,
     clock: Arc<dyn Clock>,
+    /// The control plane, for a synced sidecar (shared budgets, offline limit).
+    upstream: std::sync::OnceLock<Arc<crate::sync::upstream::Upstream>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -161,7 +163,16 @@ impl Service {
                 issuer,
                 config,
                 clock,
+                upstream: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Connects the service to its control plane: shared budgets are then spent through
+    /// leases, and the offline limit applies. Set once, before serving.
+    pub fn attach_upstream(&self, upstream: Arc<crate::sync::upstream::Upstream>) {
+        if self.inner.upstream.set(upstream).is_err() {
+            tracing::warn!("the service is already attached to a control plane");
         }
     }
 
@@ -294,6 +305,20 @@ impl Service {
     ) -> Result<PurchaseOutcome, ServiceError> {
         let intent = request.validate(header_key)?;
         let now = self.now();
+        let mut options = options;
+        if let Some(upstream) = self.inner.upstream.get() {
+            if upstream.offline(now) {
+                options.offline = true;
+            } else {
+                let needs = self
+                    .inner
+                    .store
+                    .lease_needs(&agent.agent_id, &intent, now)?;
+                if !needs.is_empty() {
+                    options.unreachable_budgets = upstream.grow(&self.inner.store, needs).await;
+                }
+            }
+        }
         let store = self.inner.store.clone();
         let agent_id = agent.agent_id.clone();
         let decided =
@@ -472,12 +497,36 @@ impl Service {
         }
     }
 
-    pub fn get_purchase(
+    /// The agent's intent. The card of a purchase an administrator approved is created after
+    /// the agent's request returned, so for such an intent that is approved and unused the
+    /// card's number and CVC are included (fetched from Stripe; never stored).
+    pub async fn get_purchase(
         &self,
         agent: &AgentIdentity,
         id: &str,
     ) -> Result<IntentView, ServiceError> {
-        Ok(IntentView::from_record(&self.owned_intent(agent, id)?))
+        let rec = self.owned_intent(agent, id)?;
+        let mut view = IntentView::from_record(&rec);
+        let approved_later = rec
+            .status_reason
+            .as_ref()
+            .is_some_and(|r| r.code == ReasonCode::ApprovedByAdmin);
+        if rec.status == IntentStatus::Approved
+            && approved_later
+            && let (Some(card_ref), Some(card)) = (&rec.card, view.card.as_mut())
+        {
+            let issued = self
+                .inner
+                .issuer
+                .retrieve_card(&card_ref.id, true)
+                .await
+                .map_err(ServiceError::Stripe)?;
+            if let Some(s) = issued.secrets {
+                card.number = Some(s.number);
+                card.cvc = Some(s.cvc);
+            }
+        }
+        Ok(view)
     }
 
     pub fn list_purchases(
@@ -643,8 +692,53 @@ impl Service {
         Ok(n)
     }
 
-    /// Runs recovery, then the expiry loop, until the process ends.
+    /// Creates the cards of intents an administrator approved (see
+    /// `Store::apply_admin_decisions`). Returns how many were attempted.
+    pub async fn issue_approved(&self) -> usize {
+        let mut n = 0;
+        for id in self.inner.store.take_approved() {
+            match self.inner.store.intent(&id) {
+                Ok(Some(rec)) if rec.status == IntentStatus::Issuing => {
+                    n += 1;
+                    match self.issue(rec).await {
+                        Ok((rec, _)) => {
+                            tracing::info!(intent = %id, status = rec.status.as_str(), "approved intent issued")
+                        }
+                        Err(e) => {
+                            tracing::error!(intent = %id, error = %e, "issuing an approved intent failed")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(intent = %id, error = %e, "cannot read an approved intent"),
+            }
+        }
+        n
+    }
+
+    /// Runs recovery, then the expiry loop, until the process ends; alongside, creates the
+    /// cards of approved intents and makes non-durable commits durable every 200 ms.
     pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
+        let approvals = self.clone();
+        tokio::spawn(async move {
+            loop {
+                approvals.inner.store.approved_written().await;
+                approvals.issue_approved().await;
+            }
+        });
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.flush()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "flush failed"),
+                    Err(e) => tracing::error!(error = %e, "flush task failed"),
+                }
+            }
+        });
         let svc = self.clone();
         tokio::spawn(async move {
             if let Err(e) = svc.recover().await {

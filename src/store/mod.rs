@@ -8,11 +8,17 @@
 //!   caller learns of them; pure declines are committed with `Durability::None` and become
 //!   durable with the next durable commit.
 //! - A reservation is released exactly once: releasing clears `IntentRecord::reservation`.
+//! - Shared budgets: in every bucket, what this sidecar has reserved never exceeds the
+//!   allowance (lease) it holds. The allowance is raised only after the control plane has
+//!   granted it, and lowered here before the control plane is told.
+//! - With the outbox on (a synced sidecar), every change of an intent writes its sync event
+//!   in the same transaction as the change.
 
 pub mod records;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
@@ -21,8 +27,9 @@ use crate::domain::intent::PurchaseIntent;
 use crate::domain::time::{Period, UnixSeconds};
 use crate::policy::{
     self, AgentState, BudgetStatus, CompiledPolicy, Confirmation, Decision, Outcome, PolicyError,
-    Reason, ReasonCode, Usage,
+    Reason, ReasonCode, SharedUsage, Usage,
 };
+use crate::sync::wire;
 pub use records::*;
 
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -43,6 +50,14 @@ const CARDHOLDERS: TableDefinition<&str, &str> = TableDefinition::new("cardholde
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// "current" → the last applied sync bundle, as received (signed JSON).
 const BUNDLE: TableDefinition<&str, &[u8]> = TableDefinition::new("bundle");
+/// seq → sync event (JSON), delivered to the control plane in seq order, then removed.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// budget_id → shared budget (JSON), as the last bundle gave them.
+const SHARED_BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("shared_budgets");
+/// (budget_id, bucket start) → minor units reserved here in that bucket.
+const SHARED_USAGE: TableDefinition<(&str, i64), i64> = TableDefinition::new("shared_usage");
+/// (budget_id, bucket start) → allowance granted to this sidecar by the control plane.
+const LEASES: TableDefinition<(&str, i64), i64> = TableDefinition::new("leases");
 
 pub const SCHEMA_VERSION: &str = "1";
 
@@ -120,6 +135,11 @@ pub struct DecideOptions {
     /// Use this intent id (allocated when the human was asked). If an intent with this id
     /// exists already, the call is a replay of it: a confirmation can be used only once.
     pub intent_id: Option<String>,
+    /// Shared budgets whose allowance could not be raised because the control plane is
+    /// unreachable (a shortfall there declines with `control_plane_unreachable`).
+    pub unreachable_budgets: Vec<String>,
+    /// The sidecar has been out of touch with its control plane for too long.
+    pub offline: bool,
 }
 
 /// What `decide` did.
@@ -136,6 +156,21 @@ pub struct Store {
     db: Arc<Database>,
     agents: moka::sync::Cache<String, Arc<CachedAgent>>,
     keys: moka::sync::Cache<String, Arc<AgentKeyRecord>>,
+    signals: Arc<Signals>,
+}
+
+/// In-memory flags and wake-ups shared by the clones of a store.
+#[derive(Default)]
+struct Signals {
+    /// Write sync events (a synced sidecar).
+    outbox: AtomicBool,
+    /// Woken when an event is written.
+    outbox_written: tokio::sync::Notify,
+    /// A commit without durability happened since the last durable one.
+    dirty: AtomicBool,
+    /// Intents an administrator approved, waiting for their card.
+    approved: std::sync::Mutex<Vec<String>>,
+    approved_written: tokio::sync::Notify,
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -180,12 +215,17 @@ impl Store {
             tx.open_table(ISSUING)?;
             tx.open_table(CARDHOLDERS)?;
             tx.open_table(BUNDLE)?;
+            tx.open_table(OUTBOX)?;
+            tx.open_table(SHARED_BUDGETS)?;
+            tx.open_table(SHARED_USAGE)?;
+            tx.open_table(LEASES)?;
         }
         tx.commit()?;
         Ok(Store {
             db: Arc::new(db),
             agents: moka::sync::Cache::builder().max_capacity(10_000).build(),
             keys: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            signals: Arc::new(Signals::default()),
         })
     }
 
@@ -261,8 +301,26 @@ impl Store {
         raw_bundle: Option<&[u8]>,
         now: UnixSeconds,
     ) -> Result<SyncApplied, StoreError> {
+        self.apply_bundle(agents, None, raw_bundle, now)
+    }
+
+    /// [`Store::apply_sync`], also replacing the shared budgets when `shared` is given.
+    pub fn apply_bundle(
+        &self,
+        agents: &[SyncedAgent],
+        shared: Option<&[SharedBudget]>,
+        raw_bundle: Option<&[u8]>,
+        now: UnixSeconds,
+    ) -> Result<SyncApplied, StoreError> {
         let mut applied = SyncApplied::default();
         let tx = self.db.begin_write()?;
+        if let Some(shared) = shared {
+            let mut table = tx.open_table(SHARED_BUDGETS)?;
+            table.retain(|_, _| false)?;
+            for b in shared {
+                table.insert(b.id.as_str(), to_json(b).as_slice())?;
+            }
+        }
         {
             let mut table = tx.open_table(AGENTS)?;
             let mut existing = std::collections::HashMap::new();
@@ -403,7 +461,7 @@ impl Store {
         options: DecideOptions,
     ) -> Result<Decided, StoreError> {
         let hash = request_hash(&intent);
-        let mut tx = self.db.begin_write()?;
+        let tx = self.db.begin_write()?;
         if let Some(preset) = options.intent_id.as_deref() {
             let intents = tx.open_table(INTENTS)?;
             let existing = intents.get(preset)?.map(|b| b.value().to_vec());
@@ -441,26 +499,48 @@ impl Store {
         }
 
         let agent = self.agent(agent_id)?;
+        let (shared, shared_keys) = {
+            let budgets = tx.open_table(SHARED_BUDGETS)?;
+            let used = tx.open_table(SHARED_USAGE)?;
+            let leases = tx.open_table(LEASES)?;
+            read_shared(
+                &budgets,
+                &used,
+                &leases,
+                intent.amount.currency,
+                now,
+                &options.unreachable_budgets,
+            )?
+        };
         let decision = decide_with(
             &agent,
-            |p| read_usage(&tx, agent_id, p, now),
+            |p| {
+                let mut u = read_usage(&tx, agent_id, p, now)?;
+                u.shared = shared;
+                Ok(u)
+            },
             &intent,
-            options.confirmation,
+            AgentState {
+                frozen: false,
+                control_plane_unreachable: options.offline,
+                confirmation: options.confirmation,
+            },
             now,
         )?;
         let compiled = agent.as_ref().and_then(|a| a.policy.as_ref().ok());
 
-        let (id, created, attempts, stripe_key) = match &retry_of {
+        let (id, created, attempts, stripe_key, version) = match &retry_of {
             Some(r) => (
                 r.id.clone(),
                 r.created,
                 r.issuance_attempts,
                 r.stripe_idempotency_key.clone(),
+                r.version + 1,
             ),
             None => {
                 let id = options.intent_id.clone().unwrap_or_else(new_id);
                 let key = format!("roony-{id}-card");
-                (id, now, 0, key)
+                (id, now, 0, key, 1)
             }
         };
         let status = match decision.outcome {
@@ -475,6 +555,7 @@ impl Store {
                 .iter()
                 .map(|p| (*p, p.bucket_start(now)))
                 .collect(),
+            shared: shared_keys,
         });
         let expires_at = compiled.and_then(|p| match status {
             IntentStatus::Issuing => Some(now + i64::from(p.card_ttl_seconds)),
@@ -501,6 +582,7 @@ impl Store {
             expires_at,
             status_reason: None,
             issuance_attempts: attempts,
+            version,
             request: intent,
         };
 
@@ -524,11 +606,9 @@ impl Store {
             if record.status == IntentStatus::Issuing {
                 tx.open_table(ISSUING)?.insert(id.as_str(), ())?;
             }
+            self.emit(&tx, &record, "intent.decided", now)?;
         }
-        if record.reservation.is_none() {
-            tx.set_durability(Durability::None)?;
-        }
-        tx.commit()?;
+        self.commit(tx, record.reservation.is_some())?;
         Ok(Decided::New(record))
     }
 
@@ -552,11 +632,27 @@ impl Store {
         let tx = self.db.begin_read()?;
         let usage = tx.open_table(USAGE)?;
         let index = tx.open_table(AGENT_INTENTS)?;
+        let (shared, _) = read_shared(
+            &tx.open_table(SHARED_BUDGETS)?,
+            &tx.open_table(SHARED_USAGE)?,
+            &tx.open_table(LEASES)?,
+            intent.amount.currency,
+            now,
+            &[],
+        )?;
         decide_with(
             &agent,
-            |p| usage_from(&usage, &index, agent_id, p, now),
+            |p| {
+                let mut u = usage_from(&usage, &index, agent_id, p, now)?;
+                u.shared = shared;
+                Ok(u)
+            },
             intent,
-            confirmation,
+            AgentState {
+                frozen: false,
+                control_plane_unreachable: false,
+                confirmation,
+            },
             now,
         )
     }
@@ -606,7 +702,7 @@ impl Store {
         card: CardRef,
         now: UnixSeconds,
     ) -> Result<IntentRecord, StoreError> {
-        self.update(id, Durability::Immediate, |rec, tx| {
+        self.update(id, "intent.issued", now, |rec, tx| {
             if rec.status != IntentStatus::Issuing {
                 return Err(StoreError::WrongState(rec.status.as_str()));
             }
@@ -626,7 +722,7 @@ impl Store {
         reason: Reason,
         now: UnixSeconds,
     ) -> Result<IntentRecord, StoreError> {
-        self.update(id, Durability::Immediate, |rec, tx| {
+        self.update(id, "intent.failed", now, |rec, tx| {
             if rec.status != IntentStatus::Issuing {
                 return Err(StoreError::WrongState(rec.status.as_str()));
             }
@@ -649,7 +745,11 @@ impl Store {
         reason: Reason,
         now: UnixSeconds,
     ) -> Result<IntentRecord, StoreError> {
-        self.update(id, Durability::Immediate, |rec, tx| {
+        let action = match to {
+            IntentStatus::Expired => "intent.expired",
+            _ => "intent.canceled",
+        };
+        self.update(id, action, now, |rec, tx| {
             if !matches!(
                 rec.status,
                 IntentStatus::Approved | IntentStatus::PendingApproval
@@ -664,13 +764,15 @@ impl Store {
         })
     }
 
+    /// Changes one intent durably, with its sync event (`action`) in the same transaction.
     fn update(
         &self,
         id: &str,
-        durability: Durability,
+        action: &str,
+        now: UnixSeconds,
         f: impl FnOnce(&mut IntentRecord, &redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<IntentRecord, StoreError> {
-        let mut tx = self.db.begin_write()?;
+        let tx = self.db.begin_write()?;
         let mut rec: IntentRecord = {
             let table = tx.open_table(INTENTS)?;
             match table.get(id)? {
@@ -679,11 +781,347 @@ impl Store {
             }
         };
         f(&mut rec, &tx)?;
+        rec.version += 1;
         tx.open_table(INTENTS)?
             .insert(id, to_json(&rec).as_slice())?;
-        tx.set_durability(durability)?;
-        tx.commit()?;
+        self.emit(&tx, &rec, action, now)?;
+        self.commit(tx, true)?;
         Ok(rec)
+    }
+
+    /// Commits durably, or without durability (made durable by the next durable commit or
+    /// [`Store::flush`]).
+    fn commit(&self, mut tx: redb::WriteTransaction, durable: bool) -> Result<(), StoreError> {
+        if !durable {
+            tx.set_durability(Durability::None)?;
+        }
+        tx.commit()?;
+        if durable {
+            self.signals.dirty.store(false, Ordering::Release);
+        } else {
+            self.signals.dirty.store(true, Ordering::Release);
+        }
+        if self.signals.outbox.load(Ordering::Acquire) {
+            self.signals.outbox_written.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Makes every earlier commit durable, if one was not (run every few hundred
+    /// milliseconds, it bounds what a crash can lose to the declines of that window).
+    pub fn flush(&self) -> Result<bool, StoreError> {
+        if !self.signals.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let tx = self.db.begin_write()?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    // ---- the outbox (events up) ----------------------------------------------------------
+
+    /// Turns on the outbox: from now on every change of an intent writes a sync event.
+    pub fn enable_outbox(&self) {
+        self.signals.outbox.store(true, Ordering::Release);
+    }
+
+    /// Resolves when an event may have been written since the last call.
+    pub async fn outbox_written(&self) {
+        self.signals.outbox_written.notified().await;
+    }
+
+    fn emit(
+        &self,
+        tx: &redb::WriteTransaction,
+        rec: &IntentRecord,
+        action: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        if !self.signals.outbox.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let event = sync_event(rec, action, now);
+        let mut outbox = tx.open_table(OUTBOX)?;
+        let next = outbox.last()?.map_or(1, |(k, _)| k.value() + 1);
+        outbox.insert(next, to_json(&event).as_slice())?;
+        Ok(())
+    }
+
+    /// The oldest `limit` events of the outbox, with their sequence numbers.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(u64, wire::SyncEvent)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), from_json("sync event", v.value())?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the events up to and including `last` (delivered).
+    pub fn outbox_ack(&self, last: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(OUTBOX)?.retain(|k, _| k > last)?;
+        self.commit(tx, true)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        use redb::ReadableTableMetadata;
+        Ok(tx.open_table(OUTBOX)?.len()?)
+    }
+
+    // ---- administrators' decisions -----------------------------------------------------
+
+    /// Applies administrators' decisions on pending intents: approved → `issuing` (the card
+    /// is then created by the service, see [`Store::take_approved`]), denied → `declined`
+    /// with its reservation released. Decisions on intents that are not pending (already
+    /// acted on, expired, unknown) are ignored. Returns the ids moved to `issuing`.
+    pub fn apply_admin_decisions(
+        &self,
+        decisions: &[AdminDecision],
+        now: UnixSeconds,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut approved = Vec::new();
+        for d in decisions {
+            let Some(rec) = self.intent(&d.intent_id)? else {
+                continue;
+            };
+            if rec.agent_id != d.agent_id || rec.status != IntentStatus::PendingApproval {
+                continue;
+            }
+            let ttl = self
+                .agent(&rec.agent_id)?
+                .and_then(|a| a.policy.as_ref().ok().map(|p| p.card_ttl_seconds))
+                .unwrap_or(3600);
+            let note = d
+                .note
+                .as_deref()
+                .map(|n| format!(" (note: {n})"))
+                .unwrap_or_default();
+            let result = if d.approved {
+                self.update(&d.intent_id, "intent.approved", now, |rec, tx| {
+                    if rec.status != IntentStatus::PendingApproval {
+                        return Err(StoreError::WrongState(rec.status.as_str()));
+                    }
+                    let mut timers = tx.open_table(TIMERS)?;
+                    if let Some(at) = rec.expires_at {
+                        timers.remove((at, rec.id.as_str()))?;
+                    }
+                    let at = now + i64::from(ttl);
+                    timers.insert((at, rec.id.as_str()), ())?;
+                    rec.expires_at = Some(at);
+                    rec.status = IntentStatus::Issuing;
+                    rec.status_reason = Some(Reason::new(
+                        ReasonCode::ApprovedByAdmin,
+                        format!("approved by {}{note}; the card is being created", d.actor),
+                    ));
+                    rec.updated = now;
+                    tx.open_table(ISSUING)?.insert(rec.id.as_str(), ())?;
+                    Ok(())
+                })
+            } else {
+                self.update(&d.intent_id, "intent.denied", now, |rec, tx| {
+                    if rec.status != IntentStatus::PendingApproval {
+                        return Err(StoreError::WrongState(rec.status.as_str()));
+                    }
+                    rec.status = IntentStatus::Declined;
+                    rec.status_reason = Some(Reason::new(
+                        ReasonCode::DeniedByAdmin,
+                        format!("denied by {}{note}; nothing is reserved", d.actor),
+                    ));
+                    rec.updated = now;
+                    release(tx, rec)
+                })
+            };
+            match result {
+                Ok(rec) if rec.status == IntentStatus::Issuing => approved.push(rec.id),
+                Ok(_) | Err(StoreError::WrongState(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !approved.is_empty() {
+            if let Ok(mut queue) = self.signals.approved.lock() {
+                queue.extend(approved.iter().cloned());
+            }
+            self.signals.approved_written.notify_one();
+        }
+        Ok(approved)
+    }
+
+    /// Takes the intents approved by an administrator that wait for their card.
+    pub fn take_approved(&self) -> Vec<String> {
+        self.signals
+            .approved
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+
+    /// Resolves when [`Store::take_approved`] may have something.
+    pub async fn approved_written(&self) {
+        self.signals.approved_written.notified().await;
+    }
+
+    // ---- leases of shared budgets --------------------------------------------------------
+
+    /// The shared budgets (of `currency`) whose allowance is too small for `intent` now.
+    pub fn lease_needs(
+        &self,
+        agent_id: &str,
+        intent: &PurchaseIntent,
+        now: UnixSeconds,
+    ) -> Result<Vec<LeaseNeed>, StoreError> {
+        let bps = self
+            .agent(agent_id)?
+            .and_then(|a| a.policy.as_ref().ok().map(|p| p.card_buffer_bps))
+            .unwrap_or(0);
+        let amount = intent.amount.amount;
+        let need = amount.saturating_add(amount.saturating_mul(i64::from(bps)) / 10_000);
+        let tx = self.db.begin_read()?;
+        let budgets = tx.open_table(SHARED_BUDGETS)?;
+        let used = tx.open_table(SHARED_USAGE)?;
+        let leases = tx.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for row in budgets.iter()? {
+            let (_, v) = row?;
+            let b: SharedBudget = from_json("shared budget", v.value())?;
+            if b.currency != intent.amount.currency {
+                continue;
+            }
+            let bucket = b.period.bucket_start(now);
+            let u = used.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
+            let l = leases.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
+            if u.saturating_add(need) > l {
+                out.push(LeaseNeed {
+                    budget_id: b.id,
+                    bucket_start: bucket,
+                    limit: b.limit,
+                    lease: l,
+                    used: u,
+                    need,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every lease held, with what is reserved against it.
+    pub fn leases(&self) -> Result<Vec<LeaseState>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let used = tx.open_table(SHARED_USAGE)?;
+        let leases = tx.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for row in leases.iter()? {
+            let (k, v) = row?;
+            let (id, bucket) = k.value();
+            out.push(LeaseState {
+                budget_id: id.to_string(),
+                bucket_start: bucket,
+                lease: v.value(),
+                used: used.get((id, bucket))?.map_or(0, |v| v.value()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records an allowance granted by the control plane (and the request's sequence number).
+    pub fn set_lease(
+        &self,
+        budget_id: &str,
+        bucket_start: UnixSeconds,
+        granted: i64,
+        seq: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut leases = tx.open_table(LEASES)?;
+            if granted > 0 {
+                leases.insert((budget_id, bucket_start), granted)?;
+            } else {
+                leases.remove((budget_id, bucket_start))?;
+            }
+            let mut meta = tx.open_table(META)?;
+            let seq = seq.to_string();
+            meta.insert("lease_seq", seq.as_str())?;
+        }
+        self.commit(tx, true)
+    }
+
+    /// Lowers an allowance to `target`, but never below what is reserved against it; returns
+    /// the allowance now held. Done before the control plane is told, so the sidecar never
+    /// uses more than the control plane counts.
+    pub fn lower_lease(
+        &self,
+        budget_id: &str,
+        bucket_start: UnixSeconds,
+        target: i64,
+    ) -> Result<i64, StoreError> {
+        let tx = self.db.begin_write()?;
+        let held = {
+            let used = tx
+                .open_table(SHARED_USAGE)?
+                .get((budget_id, bucket_start))?
+                .map_or(0, |v| v.value());
+            let mut leases = tx.open_table(LEASES)?;
+            let current = leases
+                .get((budget_id, bucket_start))?
+                .map_or(0, |v| v.value());
+            let next = target.max(used).min(current);
+            if next != current {
+                if next > 0 {
+                    leases.insert((budget_id, bucket_start), next)?;
+                } else {
+                    leases.remove((budget_id, bucket_start))?;
+                }
+            }
+            next
+        };
+        self.commit(tx, true)?;
+        Ok(held)
+    }
+
+    /// Forgets leases of buckets that are over (their allowance can no longer be used).
+    pub fn drop_old_leases(&self, now: UnixSeconds) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let budgets = tx.open_table(SHARED_BUDGETS)?;
+            let mut current = std::collections::HashMap::new();
+            for row in budgets.iter()? {
+                let (_, v) = row?;
+                let b: SharedBudget = from_json("shared budget", v.value())?;
+                current.insert(b.id.clone(), b.period.bucket_start(now));
+            }
+            tx.open_table(LEASES)?.retain(|(id, bucket), _| {
+                current.get(id).is_some_and(|start| *start == bucket)
+            })?;
+        }
+        self.commit(tx, true)
+    }
+
+    /// The sequence number of the last lease request this sidecar made.
+    pub fn lease_seq(&self) -> Result<i64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta
+            .get("lease_seq")?
+            .and_then(|v| v.value().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The shared budgets from the last bundle.
+    pub fn shared_budgets(&self) -> Result<Vec<SharedBudget>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SHARED_BUDGETS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            out.push(from_json("shared budget", row?.1.value())?);
+        }
+        Ok(out)
     }
 
     /// Timers due at or before `now`, oldest first.
@@ -707,11 +1145,9 @@ impl Store {
     }
 
     pub fn remove_timer(&self, at: UnixSeconds, id: &str) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write()?;
+        let tx = self.db.begin_write()?;
         tx.open_table(TIMERS)?.remove((at, id))?;
-        tx.set_durability(Durability::Immediate)?;
-        tx.commit()?;
-        Ok(())
+        self.commit(tx, true)
     }
 
     /// Intents whose card creation was interrupted (by a crash or restart).
@@ -746,6 +1182,7 @@ impl Store {
                 ))?
                 .map_or(0, |v| v.value());
             out.push(BudgetStatus {
+                scope: crate::policy::BudgetScope::Agent,
                 period: rule.period,
                 limit: rule.limit,
                 committed,
@@ -753,16 +1190,32 @@ impl Store {
                 resets_at: rule.period.resets_at(now),
             });
         }
+        let (shared, _) = read_shared(
+            &tx.open_table(SHARED_BUDGETS)?,
+            &tx.open_table(SHARED_USAGE)?,
+            &tx.open_table(LEASES)?,
+            policy.currency,
+            now,
+            &[],
+        )?;
+        out.extend(shared.into_iter().map(|s| BudgetStatus {
+            scope: s.scope,
+            period: s.period,
+            limit: s.limit,
+            committed: s.limit - s.available,
+            remaining: s.available,
+            resets_at: s.period.resets_at(now),
+        }));
         Ok(out)
     }
 }
 
-/// Runs the policy for an agent, deny by default.
+/// Runs the policy for an agent, deny by default. `state.frozen` is taken from the agent.
 fn decide_with(
     agent: &Option<Arc<CachedAgent>>,
     usage: impl FnOnce(&CompiledPolicy) -> Result<Usage, StoreError>,
     intent: &PurchaseIntent,
-    confirmation: Confirmation,
+    state: AgentState,
     now: UnixSeconds,
 ) -> Result<Decision, StoreError> {
     Ok(match agent {
@@ -780,7 +1233,7 @@ fn decide_with(
                     &usage,
                     AgentState {
                         frozen: a.record.status == AgentStatus::Frozen,
-                        confirmation,
+                        ..state
                     },
                     now,
                 )
@@ -830,7 +1283,94 @@ fn usage_from(
     Ok(Usage {
         committed,
         velocity_counts,
+        shared: Vec::new(),
     })
+}
+
+type SharedKeys = Vec<(String, UnixSeconds)>;
+
+/// The shared budgets of `currency` as this sidecar holds them now, and their buckets.
+fn read_shared(
+    budgets: &impl ReadableTable<&'static str, &'static [u8]>,
+    used: &impl ReadableTable<(&'static str, i64), i64>,
+    leases: &impl ReadableTable<(&'static str, i64), i64>,
+    currency: crate::domain::money::Currency,
+    now: UnixSeconds,
+    unreachable: &[String],
+) -> Result<(Vec<SharedUsage>, SharedKeys), StoreError> {
+    let mut shared = Vec::new();
+    let mut keys = Vec::new();
+    for row in budgets.iter()? {
+        let (_, v) = row?;
+        let b: SharedBudget = from_json("shared budget", v.value())?;
+        if b.currency != currency {
+            continue;
+        }
+        let bucket = b.period.bucket_start(now);
+        let u = used.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
+        let l = leases.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
+        shared.push(SharedUsage {
+            scope: b.scope,
+            period: b.period,
+            limit: b.limit,
+            available: l - u,
+            unreachable: unreachable.contains(&b.id),
+        });
+        keys.push((b.id, bucket));
+    }
+    Ok((shared, keys))
+}
+
+/// The sync event of an intent's current state.
+fn sync_event(rec: &IntentRecord, action: &str, now: UnixSeconds) -> wire::SyncEvent {
+    let m = &rec.request.merchant;
+    wire::SyncEvent {
+        id: format!("{}.{}", rec.id, rec.version),
+        action: action.to_string(),
+        at: now,
+        intent: wire::IntentSnapshot {
+            id: rec.id.clone(),
+            agent_id: rec.agent_id.clone(),
+            version: i64::from(rec.version),
+            status: rec.status.as_str().to_string(),
+            amount: rec.request.amount.amount,
+            currency: rec.request.amount.currency.code().to_string(),
+            merchant_name: m.name.clone(),
+            merchant_domain: m.domain.clone(),
+            merchant_country: m.country.clone(),
+            description: Some(rec.request.description.clone()).filter(|d| !d.is_empty()),
+            reserved: rec.reservation.as_ref().map_or(0, |r| r.amount),
+            decision: wire::DecisionSnapshot {
+                id: rec.decision.id.clone(),
+                outcome: match rec.decision.outcome {
+                    Outcome::Approved => "approved",
+                    Outcome::Declined => "declined",
+                    Outcome::PendingApproval => "pending_approval",
+                }
+                .to_string(),
+                reasons: rec
+                    .decision
+                    .reasons
+                    .iter()
+                    .map(|r| r.code.as_str().to_string())
+                    .collect(),
+                decided_at: rec.decision.decided_at,
+            },
+            status_reason: rec
+                .status_reason
+                .as_ref()
+                .map(|r| r.code.as_str().to_string()),
+            card: rec.card.as_ref().map(|c| wire::CardSnapshot {
+                stripe_card_id: c.id.clone(),
+                last4: c.last4.clone(),
+                exp_month: c.exp_month,
+                exp_year: c.exp_year,
+                spending_limit: c.spending_limit,
+            }),
+            created_at: rec.created,
+            updated_at: rec.updated,
+        },
+    }
 }
 
 fn add_usage(
@@ -848,6 +1388,17 @@ fn add_usage(
             usage.remove(key)?;
         } else {
             usage.insert(key, next)?;
+        }
+    }
+    let mut shared = tx.open_table(SHARED_USAGE)?;
+    for (id, start) in &r.shared {
+        let key = (id.as_str(), *start);
+        let current = shared.get(key)?.map_or(0, |v| v.value());
+        let next = current + delta;
+        if next == 0 {
+            shared.remove(key)?;
+        } else {
+            shared.insert(key, next)?;
         }
     }
     Ok(())

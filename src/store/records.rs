@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::intent::PurchaseIntent;
 use crate::domain::money::Currency;
 use crate::domain::time::{Period, UnixSeconds};
-use crate::policy::{BudgetStatus, Outcome, Policy, Reason};
+use crate::policy::{BudgetScope, BudgetStatus, Outcome, Policy, Reason};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +72,52 @@ pub struct Reservation {
     pub currency: Currency,
     /// (period, bucket start) for every period kind.
     pub buckets: Vec<(Period, UnixSeconds)>,
+    /// (shared budget id, bucket start) of every shared budget the reservation counts in.
+    #[serde(default)]
+    pub shared: Vec<(String, UnixSeconds)>,
+}
+
+/// A shared (project or organization) budget from the sync bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedBudget {
+    pub id: String,
+    pub scope: BudgetScope,
+    pub period: Period,
+    pub currency: Currency,
+    pub limit: i64,
+}
+
+/// An administrator's decision on a pending intent (from the sync bundle).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminDecision {
+    pub intent_id: String,
+    pub agent_id: String,
+    pub approved: bool,
+    pub note: Option<String>,
+    pub actor: String,
+}
+
+/// A shared budget's bucket that needs a larger allowance for a purchase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseNeed {
+    pub budget_id: String,
+    pub bucket_start: UnixSeconds,
+    pub limit: i64,
+    /// The allowance held now.
+    pub lease: i64,
+    /// Reserved in the bucket now.
+    pub used: i64,
+    /// What the purchase may reserve (amount plus the policy's buffer).
+    pub need: i64,
+}
+
+/// A lease as the sidecar holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    pub budget_id: String,
+    pub bucket_start: UnixSeconds,
+    pub lease: i64,
+    pub used: i64,
 }
 
 /// A reference to a card at Stripe. Never a card number or CVC.
@@ -121,4 +167,7 @@ pub struct IntentRecord {
     pub status_reason: Option<Reason>,
     /// How many times card issuance was attempted for this intent.
     pub issuance_attempts: u32,
+    /// Increases with every change (1 at the decision); orders the sync events.
+    #[serde(default)]
+    pub version: u32,
 }

@@ -282,3 +282,234 @@ fn unknown_agent_is_declined_not_approved() {
     assert_eq!(rec.status, IntentStatus::Declined);
     assert_eq!(rec.decision.reasons[0].code, ReasonCode::NoPolicy);
 }
+
+fn shared_budget(limit: i64) -> SharedBudget {
+    SharedBudget {
+        id: "bud_p".into(),
+        scope: crate::policy::BudgetScope::Project,
+        period: Period::Daily,
+        currency: Currency::USD,
+        limit,
+    }
+}
+
+fn synced(store: &Store, limit: i64) {
+    let a = store.agent("agt_1").unwrap().unwrap().record.clone();
+    store
+        .apply_bundle(
+            &[SyncedAgent {
+                id: a.id,
+                name: a.name,
+                status: AgentStatus::Active,
+                policy: Some(a.policy),
+                keys: vec![],
+            }],
+            Some(&[shared_budget(limit)]),
+            None,
+            T0,
+        )
+        .unwrap();
+}
+
+/// A shared budget is spent only within the allowance held: no lease, no approval; a lease
+/// of 3000 approves 3000 and no more; releasing gives room back within the lease; lowering
+/// never goes below what is reserved.
+#[test]
+fn shared_budget_within_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    agent(&s, 1_000_000);
+    synced(&s, 10_000);
+    let ids = counter();
+    let bucket = Period::Daily.bucket_start(T0);
+
+    let need = s.lease_needs("agt_1", &intent(1_000, None), T0).unwrap();
+    assert_eq!(need.len(), 1);
+    assert_eq!((need[0].lease, need[0].used, need[0].need), (0, 0, 1_000));
+    let d = new_record(
+        s.decide("agt_1", intent(1_000, None), T0, &ids, Default::default())
+            .unwrap(),
+    );
+    assert_eq!(d.status, IntentStatus::Declined);
+    assert_eq!(d.decision.reasons[0].code, ReasonCode::ExceedsBudget);
+
+    let opts = DecideOptions {
+        unreachable_budgets: vec!["bud_p".into()],
+        ..Default::default()
+    };
+    let d = new_record(s.decide("agt_1", intent(1_000, None), T0, &ids, opts).unwrap());
+    assert_eq!(
+        d.decision.reasons[0].code,
+        ReasonCode::ControlPlaneUnreachable
+    );
+
+    s.set_lease("bud_p", bucket, 3_000, 7).unwrap();
+    assert_eq!(s.lease_seq().unwrap(), 7);
+    assert!(
+        s.lease_needs("agt_1", &intent(1_000, None), T0)
+            .unwrap()
+            .is_empty()
+    );
+    let mut approved = vec![];
+    for _ in 0..4 {
+        let d = new_record(
+            s.decide("agt_1", intent(1_000, None), T0, &ids, Default::default())
+                .unwrap(),
+        );
+        approved.push(d);
+    }
+    let statuses: Vec<_> = approved.iter().map(|d| d.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            IntentStatus::Issuing,
+            IntentStatus::Issuing,
+            IntentStatus::Issuing,
+            IntentStatus::Declined
+        ]
+    );
+    let l = &s.leases().unwrap()[0];
+    assert_eq!((l.lease, l.used), (3_000, 3_000));
+    assert_eq!(s.lower_lease("bud_p", bucket, 0).unwrap(), 3_000);
+
+    s.fail_issuance(
+        &approved[0].id,
+        Reason::new(ReasonCode::CardIssuanceFailed, "x"),
+        T0,
+    )
+    .unwrap();
+    let l = &s.leases().unwrap()[0];
+    assert_eq!((l.lease, l.used), (3_000, 2_000));
+    assert_eq!(s.lower_lease("bud_p", bucket, 0).unwrap(), 2_000);
+    let d = new_record(
+        s.decide("agt_1", intent(1, None), T0, &ids, Default::default())
+            .unwrap(),
+    );
+    assert_eq!(d.status, IntentStatus::Declined, "the lease was lowered");
+
+    // A new day is a new bucket: the old lease is dropped.
+    s.drop_old_leases(T0 + 86_400).unwrap();
+    assert!(s.leases().unwrap().is_empty());
+}
+
+/// With the outbox on, every change writes one event in its transaction, with increasing
+/// versions; acknowledged events are removed; events survive a reopen.
+#[test]
+fn outbox_records_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = counter();
+    {
+        let s = store(&dir);
+        agent(&s, 50_000);
+        s.enable_outbox();
+        let d = new_record(
+            s.decide("agt_1", intent(1_000, None), T0, &ids, Default::default())
+                .unwrap(),
+        );
+        s.fail_issuance(&d.id, Reason::new(ReasonCode::CardIssuanceFailed, "x"), T0)
+            .unwrap();
+        new_record(
+            s.decide("agt_1", intent(90_000, None), T0, &ids, Default::default())
+                .unwrap(),
+        );
+        let batch = s.outbox_batch(10).unwrap();
+        let got: Vec<(&str, &str, i64)> = batch
+            .iter()
+            .map(|(_, e)| (e.action.as_str(), e.intent.status.as_str(), e.intent.version))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("intent.decided", "issuing", 1),
+                ("intent.failed", "failed", 2),
+                ("intent.decided", "declined", 1)
+            ]
+        );
+        assert_eq!(batch[0].1.id, format!("{}.1", d.id));
+        assert_eq!(batch[0].1.intent.reserved, 1_000);
+        assert_eq!(batch[1].1.intent.reserved, 0);
+        assert_eq!(
+            batch[1].1.intent.status_reason.as_deref(),
+            Some("card_issuance_failed")
+        );
+        s.outbox_ack(batch[0].0).unwrap();
+        assert_eq!(s.outbox_len().unwrap(), 2);
+        // The ack's durable commit made the decline durable too: nothing to flush.
+        assert!(!s.flush().unwrap());
+        new_record(
+            s.decide("agt_1", intent(90_001, None), T0, &ids, Default::default())
+                .unwrap(),
+        );
+        // A decline is committed without durability; flush makes it durable.
+        assert!(s.flush().unwrap());
+        assert!(!s.flush().unwrap());
+    }
+    let s = store(&dir);
+    assert_eq!(s.outbox_len().unwrap(), 3);
+    let batch = s.outbox_batch(1).unwrap();
+    assert_eq!(batch[0].1.action, "intent.failed");
+}
+
+/// Administrators' decisions: approval moves a pending intent to issuing (queued for its
+/// card), denial declines it and releases the reservation; decisions on intents that are
+/// not pending, or name another agent, change nothing.
+#[test]
+fn admin_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let mut a = s.agent("agt_1").ok().flatten();
+    assert!(a.is_none());
+    agent(&s, 50_000);
+    let mut rec = s.agent("agt_1").unwrap().unwrap().record.clone();
+    rec.policy.require_approval_above = Some(500);
+    s.put_agent(&rec).unwrap();
+    a = s.agent("agt_1").unwrap();
+    assert!(a.is_some());
+    let ids = counter();
+    let p1 = new_record(
+        s.decide("agt_1", intent(1_000, None), T0, &ids, Default::default())
+            .unwrap(),
+    );
+    let p2 = new_record(
+        s.decide("agt_1", intent(2_000, None), T0, &ids, Default::default())
+            .unwrap(),
+    );
+    assert_eq!(p1.status, IntentStatus::PendingApproval);
+    assert_eq!(committed(&s), 3_000);
+    let decision = |id: &str, agent: &str, approved: bool| AdminDecision {
+        intent_id: id.into(),
+        agent_id: agent.into(),
+        approved,
+        note: Some("ok".into()),
+        actor: "alice".into(),
+    };
+    let moved = s
+        .apply_admin_decisions(
+            &[
+                decision(&p1.id, "agt_other", true),
+                decision(&p1.id, "agt_1", true),
+                decision(&p2.id, "agt_1", false),
+                decision("pur_missing", "agt_1", true),
+            ],
+            T0 + 5,
+        )
+        .unwrap();
+    assert_eq!(moved, [p1.id.clone()]);
+    assert_eq!(s.take_approved(), [p1.id.clone()]);
+    let r1 = s.intent(&p1.id).unwrap().unwrap();
+    assert_eq!(r1.status, IntentStatus::Issuing);
+    assert_eq!(
+        r1.status_reason.as_ref().unwrap().code,
+        ReasonCode::ApprovedByAdmin
+    );
+    assert!(s.issuing().unwrap().contains(&p1.id));
+    let r2 = s.intent(&p2.id).unwrap().unwrap();
+    assert_eq!(r2.status, IntentStatus::Declined);
+    assert_eq!(committed(&s), 1_000);
+    // Applying the same decisions again (the bundle still carries them) changes nothing.
+    let again = s
+        .apply_admin_decisions(&[decision(&p1.id, "agt_1", true)], T0 + 6)
+        .unwrap();
+    assert!(again.is_empty());
+    assert_eq!(s.intent(&p1.id).unwrap().unwrap().version, r1.version);
+}

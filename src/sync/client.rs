@@ -3,9 +3,17 @@
 
 use std::time::Duration;
 
-use crate::policy::Policy;
-use crate::store::{AgentStatus, Store, StoreError, SyncApplied, SyncedAgent, SyncedKey};
-use crate::sync::wire::{self, Bundle, VerifyError};
+use std::sync::Arc;
+
+use crate::domain::money::Currency;
+use crate::domain::time::Period;
+use crate::policy::{BudgetRule, BudgetScope, Policy};
+use crate::store::{
+    AdminDecision, AgentStatus, SharedBudget, Store, StoreError, SyncApplied, SyncedAgent,
+    SyncedKey,
+};
+use crate::sync::upstream::Upstream;
+use crate::sync::wire::{self, Bundle, BundleBudget, VerifyError};
 
 /// How long the sidecar asks the control plane to hold a request open.
 pub const WAIT_SECONDS: u64 = 25;
@@ -59,7 +67,61 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Applies a verified bundle to the store (and persists `raw` with it, when given).
+fn period_of(b: &BundleBudget) -> Option<Period> {
+    serde_json::from_value(serde_json::Value::String(b.period.clone())).ok()
+}
+
+/// The policy with the agent's admin-set budgets folded in: a budget in the policy's
+/// currency tightens (or adds) the budget of its period. Budgets in other currencies cannot
+/// apply (the policy spends its currency only) and are ignored with a warning.
+fn with_budgets(mut policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
+    for b in budgets {
+        let Some(period) = period_of(b) else {
+            tracing::warn!(agent = %agent_id, budget = %b.id, period = %b.period, "unknown budget period; ignored");
+            continue;
+        };
+        if Currency::parse(&b.currency).ok() != Some(policy.currency) {
+            tracing::warn!(agent = %agent_id, budget = %b.id, "budget currency differs from the policy's; ignored");
+            continue;
+        }
+        match policy.budgets.iter_mut().find(|r| r.period == period) {
+            Some(rule) => rule.limit = rule.limit.min(b.limit),
+            None => policy.budgets.push(BudgetRule {
+                period,
+                limit: b.limit,
+            }),
+        }
+    }
+    policy
+}
+
+fn shared_budgets(bundle: &Bundle) -> Vec<SharedBudget> {
+    bundle
+        .budgets
+        .iter()
+        .filter_map(|b| {
+            let scope = match b.scope.as_str() {
+                "project" => BudgetScope::Project,
+                "org" => BudgetScope::Org,
+                _ => return None,
+            };
+            let (Some(period), Ok(currency)) = (period_of(b), Currency::parse(&b.currency)) else {
+                tracing::warn!(budget = %b.id, "shared budget is unreadable; ignored");
+                return None;
+            };
+            Some(SharedBudget {
+                id: b.id.clone(),
+                scope,
+                period,
+                currency,
+                limit: b.limit,
+            })
+        })
+        .collect()
+}
+
+/// Applies a verified bundle to the store (and persists `raw` with it, when given), then the
+/// administrators' decisions it carries.
 pub fn apply(
     store: &Store,
     bundle: &Bundle,
@@ -75,7 +137,7 @@ pub fn apply(
                         tracing::warn!(agent = %a.id, error = %e, "policy in bundle is unreadable; the agent is frozen");
                     })
                     .ok()
-            });
+            }).map(|p| with_budgets(p, &a.id, &a.budgets));
             SyncedAgent {
                 id: a.id.clone(),
                 name: a.name.clone(),
@@ -97,7 +159,27 @@ pub fn apply(
             }
         })
         .collect();
-    store.apply_sync(&agents, raw, unix_now())
+    let now = unix_now();
+    let shared = shared_budgets(bundle);
+    let applied = store.apply_bundle(&agents, Some(&shared), raw, now)?;
+    let decisions: Vec<AdminDecision> = bundle
+        .approvals
+        .iter()
+        .map(|a| AdminDecision {
+            intent_id: a.intent_id.clone(),
+            agent_id: a.agent_id.clone(),
+            approved: a.approved,
+            note: a.note.clone(),
+            actor: a.actor.clone(),
+        })
+        .collect();
+    if !decisions.is_empty() {
+        let approved = store.apply_admin_decisions(&decisions, now)?;
+        if !approved.is_empty() {
+            tracing::info!(intents = ?approved, "administrator approvals applied; creating cards");
+        }
+    }
+    Ok(applied)
 }
 
 /// At start-up, before serving: applies the persisted bundle if there is one and it
@@ -173,8 +255,14 @@ async fn round(
 }
 
 /// Long-polls the control plane forever (reconnecting with backoff), starting from the
-/// bundle with `etag` (the restored one, if any).
-pub async fn run(store: Store, config: SyncConfig, mut etag: Option<String>) {
+/// bundle with `etag` (the restored one, if any). Every answer is noted as contact with the
+/// control plane on `upstream`, when given.
+pub async fn run(
+    store: Store,
+    config: SyncConfig,
+    mut etag: Option<String>,
+    upstream: Option<Arc<Upstream>>,
+) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(WAIT_SECONDS + 15))
         .build()
@@ -196,8 +284,16 @@ pub async fn run(store: Store, config: SyncConfig, mut etag: Option<String>) {
             Ok(Some(bundle)) => {
                 etag = Some(bundle.etag);
                 backoff = MIN_BACKOFF;
+                if let Some(u) = &upstream {
+                    u.contact();
+                }
             }
-            Ok(None) => backoff = MIN_BACKOFF,
+            Ok(None) => {
+                backoff = MIN_BACKOFF;
+                if let Some(u) = &upstream {
+                    u.contact();
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync with the control plane failed");
                 tokio::time::sleep(backoff).await;
@@ -226,5 +322,35 @@ pub fn start(
         }
     };
     let revision = restored.map(|b| b.map(|b| b.revision));
-    (revision, tokio::spawn(run(store, config, etag)))
+    (revision, tokio::spawn(run(store, config, etag, None)))
+}
+
+/// Everything a synced sidecar runs: [`start`]'s bundle sync, plus the outbox delivery and
+/// the lease upkeep of `upstream` (which the service consults for shared budgets and the
+/// offline limit). Turns the store's outbox on first.
+pub fn start_with_upstream(
+    store: Store,
+    config: SyncConfig,
+    upstream: Arc<Upstream>,
+) -> (Result<Option<i64>, RestoreError>, Vec<tokio::task::JoinHandle<()>>) {
+    store.enable_outbox();
+    let restored = restore(&store, &config);
+    let etag = match &restored {
+        Ok(Some(b)) => {
+            upstream.contact_at(b.generated_at);
+            Some(b.etag.clone())
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(error = %e, "persisted policy bundle not applied");
+            None
+        }
+    };
+    let revision = restored.map(|b| b.map(|b| b.revision));
+    let tasks = vec![
+        tokio::spawn(run(store.clone(), config, etag, Some(upstream.clone()))),
+        tokio::spawn(upstream.clone().deliver_outbox(store.clone())),
+        tokio::spawn(upstream.keep_leases(store)),
+    ];
+    (revision, tasks)
 }

@@ -1,6 +1,8 @@
-//! Control plane → sidecar sync (issue 4, item 4: policy distribution). `wire` holds the
-//! versioned wire types shared by both sides; `client` is the sidecar's long-poll loop.
-//! The protocol is described in docs/design.md ("Sync protocol").
+//! Sync between the control plane and sidecars. `wire` holds the versioned wire types
+//! shared by both sides; `client` is the sidecar's bundle long-poll (policies, keys, budgets,
+//! approvals down); `upstream` delivers the outbox (events up) and holds shared-budget
+//! leases. The protocol is described in docs/design.md ("Sync protocol").
 
 pub mod client;
+pub mod upstream;
 pub mod wire;

@@ -112,7 +112,7 @@ async fn sidecar_binary_syncs_from_the_control_plane() {
     let log1 = tmp.path().join("sidecar1.log");
     let mut sc1 = sidecar(&data, &log1, &emulator.url, &control, &token);
     let base = url_after(&wait_for(&log1, "sidecar listening on"));
-    wait_for(&log1, "syncing policies from");
+    wait_for(&log1, "syncing with the control plane at");
     let start = Instant::now();
     loop {
         let (status, body) = buy(&client, &base, &key, 500).await;

@@ -306,6 +306,7 @@ impl Service {
         let intent = request.validate(header_key)?;
         let now = self.now();
         let mut options = options;
+        let mut demand = None;
         if let Some(upstream) = self.inner.upstream.get() {
             if upstream.offline(now) {
                 options.offline = true;
@@ -314,7 +315,10 @@ impl Service {
                     .inner
                     .store
                     .lease_needs(&agent.agent_id, &intent, now)?;
-                if !needs.is_empty() {
+                // Counted as demand until decided, so that concurrent purchases grow the
+                // allowance for all of them at once.
+                demand = Some(upstream.demand(&needs));
+                if upstream.short(&needs) {
                     options.unreachable_budgets = upstream.grow(&self.inner.store, needs).await;
                 }
             }
@@ -324,6 +328,7 @@ impl Service {
         let decided =
             blocking(move || store.decide(&agent_id, intent, now, &ids::intent_id, options))
                 .await?;
+        drop(demand);
         match decided {
             Decided::Replay(rec) => {
                 let mut view = IntentView::from_record(&rec);
@@ -710,7 +715,9 @@ impl Service {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => tracing::error!(intent = %id, error = %e, "cannot read an approved intent"),
+                Err(e) => {
+                    tracing::error!(intent = %id, error = %e, "cannot read an approved intent")
+                }
             }
         }
         n

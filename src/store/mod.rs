@@ -969,7 +969,8 @@ impl Store {
 
     // ---- leases of shared budgets --------------------------------------------------------
 
-    /// The shared budgets (of `currency`) whose allowance is too small for `intent` now.
+    /// What `intent` needs of each shared budget of its currency, with the allowance held and
+    /// what is reserved against it now.
     pub fn lease_needs(
         &self,
         agent_id: &str,
@@ -995,17 +996,17 @@ impl Store {
             }
             let bucket = b.period.bucket_start(now);
             let u = used.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
-            let l = leases.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
-            if u.saturating_add(need) > l {
-                out.push(LeaseNeed {
-                    budget_id: b.id,
-                    bucket_start: bucket,
-                    limit: b.limit,
-                    lease: l,
-                    used: u,
-                    need,
-                });
-            }
+            let l = leases
+                .get((b.id.as_str(), bucket))?
+                .map_or(0, |v| v.value());
+            out.push(LeaseNeed {
+                budget_id: b.id,
+                bucket_start: bucket,
+                limit: b.limit,
+                lease: l,
+                used: u,
+                need,
+            });
         }
         Ok(out)
     }
@@ -1096,9 +1097,8 @@ impl Store {
                 let b: SharedBudget = from_json("shared budget", v.value())?;
                 current.insert(b.id.clone(), b.period.bucket_start(now));
             }
-            tx.open_table(LEASES)?.retain(|(id, bucket), _| {
-                current.get(id).is_some_and(|start| *start == bucket)
-            })?;
+            tx.open_table(LEASES)?
+                .retain(|(id, bucket), _| current.get(id).is_some_and(|start| *start == bucket))?;
         }
         self.commit(tx, true)
     }
@@ -1308,7 +1308,9 @@ fn read_shared(
         }
         let bucket = b.period.bucket_start(now);
         let u = used.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
-        let l = leases.get((b.id.as_str(), bucket))?.map_or(0, |v| v.value());
+        let l = leases
+            .get((b.id.as_str(), bucket))?
+            .map_or(0, |v| v.value());
         shared.push(SharedUsage {
             scope: b.scope,
             period: b.period,

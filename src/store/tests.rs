@@ -337,7 +337,10 @@ fn shared_budget_within_the_lease() {
         unreachable_budgets: vec!["bud_p".into()],
         ..Default::default()
     };
-    let d = new_record(s.decide("agt_1", intent(1_000, None), T0, &ids, opts).unwrap());
+    let d = new_record(
+        s.decide("agt_1", intent(1_000, None), T0, &ids, opts)
+            .unwrap(),
+    );
     assert_eq!(
         d.decision.reasons[0].code,
         ReasonCode::ControlPlaneUnreachable
@@ -345,10 +348,9 @@ fn shared_budget_within_the_lease() {
 
     s.set_lease("bud_p", bucket, 3_000, 7).unwrap();
     assert_eq!(s.lease_seq().unwrap(), 7);
-    assert!(
-        s.lease_needs("agt_1", &intent(1_000, None), T0)
-            .unwrap()
-            .is_empty()
+    assert_eq!(
+        s.lease_needs("agt_1", &intent(1_000, None), T0).unwrap()[0].lease,
+        3_000
     );
     let mut approved = vec![];
     for _ in 0..4 {
@@ -415,7 +417,13 @@ fn outbox_records_every_change() {
         let batch = s.outbox_batch(10).unwrap();
         let got: Vec<(&str, &str, i64)> = batch
             .iter()
-            .map(|(_, e)| (e.action.as_str(), e.intent.status.as_str(), e.intent.version))
+            .map(|(_, e)| {
+                (
+                    e.action.as_str(),
+                    e.intent.status.as_str(),
+                    e.intent.version,
+                )
+            })
             .collect();
         assert_eq!(
             got,

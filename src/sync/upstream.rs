@@ -7,6 +7,7 @@
 //! plane; lease requests are serialized (one at a time) and numbered, so the control plane's
 //! record of this sidecar's allowance is never below the allowance the sidecar uses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -46,6 +47,29 @@ pub struct Upstream {
     last_lease_use_ms: AtomicI64,
     /// One lease request at a time; holds the last sequence number used.
     lease_lock: tokio::sync::Mutex<i64>,
+    /// What purchases being decided now need, per (budget, bucket).
+    demand: Arc<std::sync::Mutex<HashMap<(String, i64), i64>>>,
+}
+
+/// A purchase's demand on shared budgets, counted until dropped (after its decision).
+pub struct Demand {
+    table: Arc<std::sync::Mutex<HashMap<(String, i64), i64>>>,
+    entries: Vec<((String, i64), i64)>,
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.lock() {
+            for (key, need) in self.entries.drain(..) {
+                if let Some(v) = t.get_mut(&key) {
+                    *v -= need;
+                    if *v <= 0 {
+                        t.remove(&key);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -80,6 +104,46 @@ impl Upstream {
             last_contact: AtomicI64::new(0),
             last_lease_use_ms: AtomicI64::new(0),
             lease_lock: tokio::sync::Mutex::new(last_seq),
+            demand: Arc::default(),
+        })
+    }
+
+    /// Counts a purchase's needs as demand until the returned guard is dropped.
+    pub fn demand(&self, needs: &[LeaseNeed]) -> Demand {
+        if !needs.is_empty() {
+            self.last_lease_use_ms
+                .store(unix_now_ms(), Ordering::Release);
+        }
+        let entries: Vec<((String, i64), i64)> = needs
+            .iter()
+            .map(|n| ((n.budget_id.clone(), n.bucket_start), n.need))
+            .collect();
+        if let Ok(mut t) = self.demand.lock() {
+            for (key, need) in &entries {
+                *t.entry(key.clone()).or_insert(0) += need;
+            }
+        }
+        Demand {
+            table: self.demand.clone(),
+            entries,
+        }
+    }
+
+    fn pending(&self, budget_id: &str, bucket_start: i64) -> i64 {
+        self.demand
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&(budget_id.to_string(), bucket_start)).copied())
+            .unwrap_or(0)
+    }
+
+    /// True when some budget's allowance is below what is reserved plus what purchases
+    /// being decided need (this one included, see [`Upstream::demand`]).
+    pub fn short(&self, needs: &[LeaseNeed]) -> bool {
+        needs.iter().any(|n| {
+            n.used
+                .saturating_add(self.pending(&n.budget_id, n.bucket_start).max(n.need))
+                > n.lease
         })
     }
 
@@ -153,8 +217,6 @@ impl Upstream {
     /// budgets that could not be asked (control plane unreachable); a smaller grant than
     /// needed is not an error (the decision then declines with `exceeds_budget`).
     pub async fn grow(&self, store: &Store, needs: Vec<LeaseNeed>) -> Vec<String> {
-        self.last_lease_use_ms
-            .store(unix_now_ms(), Ordering::Release);
         let mut seq_guard = self.lease_lock.lock().await;
         // Another purchase may have grown these leases while this one waited.
         let current = match store.leases() {
@@ -170,7 +232,8 @@ impl Upstream {
                 .iter()
                 .find(|l| l.budget_id == n.budget_id && l.bucket_start == n.bucket_start)
                 .map_or((0, 0), |l| (l.lease, l.used));
-            let required = used.saturating_add(n.need);
+            let pending = self.pending(&n.budget_id, n.bucket_start).max(n.need);
+            let required = used.saturating_add(pending);
             if required <= lease {
                 continue;
             }

@@ -237,3 +237,11 @@ pub fn demo_policy() -> Policy {
     p.require_confirmation_above = None;
     p
 }
+
+/// A short unique suffix for names in tests.
+#[allow(dead_code)]
+pub fn unique() -> String {
+    roony::service::ids::new_id("u")
+        .trim_start_matches("u_")
+        .to_string()
+}

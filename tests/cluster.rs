@@ -49,6 +49,17 @@ fn control_plane(dir: &Path, name: &str, database_url: &str, listen: &str) -> Pr
 }
 
 fn sidecar(dir: &Path, name: &str, emulator: &str, control: &str, token: &str) -> Proc {
+    sidecar_with(dir, name, emulator, control, token, &[])
+}
+
+fn sidecar_with(
+    dir: &Path,
+    name: &str,
+    emulator: &str,
+    control: &str,
+    token: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let log = dir.join(format!("{name}-{}.log", common::unique()));
     let child = Child(
         Command::new(env!("CARGO_BIN_EXE_roony"))
@@ -59,6 +70,7 @@ fn sidecar(dir: &Path, name: &str, emulator: &str, control: &str, token: &str) -
             .args(["--control-plane-url", control])
             .env("ROONY_SIDECAR_TOKEN", token)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
@@ -516,7 +528,8 @@ async fn partition_stop_and_restart_the_control_plane() {
     let db = roony::control::db::default_sqlite_url(&tmp.path().join("cp-db"));
     std::fs::create_dir_all(tmp.path().join("cp-db")).unwrap();
     let mut cp = control_plane(tmp.path(), "cp", &db, "127.0.0.1:0");
-    const LIMIT: i64 = 100_000;
+    // A tenth of the budget (80 purchases) is asked for at a time.
+    const LIMIT: i64 = 400_000;
     let p = project(&http, &cp.url, &["agt_part"], LIMIT).await;
     let key = p.keys[0].clone();
     let token = sidecar_token(&http, &cp.url, &p.id, "edge").await;
@@ -572,6 +585,10 @@ async fn partition_stop_and_restart_the_control_plane() {
     // Without the control plane, approvals stay within the allowance the sidecar held.
     let approved_during = during.iter().filter(|(s, _)| *s == 201).count() as i64 * 500;
     assert!(approved_during <= LIMIT / 10 + 1_000, "{approved_during}");
+    assert!(
+        approved_during > 0,
+        "the allowance held when the control plane went away was not used"
+    );
 
     // It comes back on the same address: purchases are approved again.
     let cp = control_plane(tmp.path(), "cp", &db, &cp_addr);
@@ -613,4 +630,161 @@ async fn partition_stop_and_restart_the_control_plane() {
     .await;
     let log = std::fs::read_to_string(&cp.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// An administrator's approval reaches the agent: a purchase above the approval threshold
+/// waits (`pending_approval`, amount reserved); approved in the control plane, the sidecar
+/// creates the card and the agent gets it from `GET /api/v1/purchase_intents/{id}`; a
+/// denied one is declined with `denied_by_admin` and its reservation released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_approval_reaches_the_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emulator = common::start_emulator().await;
+    let http = Http(reqwest::Client::new());
+    let db = roony::control::db::default_sqlite_url(&tmp.path().join("cp-db"));
+    std::fs::create_dir_all(tmp.path().join("cp-db")).unwrap();
+    let cp = control_plane(tmp.path(), "cp", &db, "127.0.0.1:0");
+    let p = project(&http, &cp.url, &["agt_appr"], 100_000).await;
+    let key = p.keys[0].clone();
+    let mut pol = policy(10_000);
+    pol["require_approval_above"] = json!(1_000);
+    pol["budgets"] = json!([{"period": "daily", "limit": 20_000}]);
+    http.admin(
+        &cp.url,
+        reqwest::Method::PUT,
+        "/agents/agt_appr/policy",
+        pol,
+    )
+    .await;
+    let token = sidecar_token(&http, &cp.url, &p.id, "edge").await;
+    let sc = sidecar(tmp.path(), "sc", &emulator.url, &cp.url, &token);
+    wait_synced(&http, &sc.url, &key).await;
+
+    let budget_left = || async {
+        let (_, b) = http.agent_get(&sc.url, &key, "/api/v1/budget").await;
+        b["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["scope"] == "agent")
+            .unwrap()["remaining"]
+            .as_i64()
+            .unwrap()
+    };
+    let (status, first) = http.buy(&sc.url, &key, 4_000).await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["status"], "pending_approval");
+    let (status, second) = http.buy(&sc.url, &key, 3_000).await;
+    assert_eq!(status, 202, "{second}");
+    assert_eq!(budget_left().await, 13_000, "both are reserved while they wait");
+    let first_id = first["id"].as_str().unwrap().to_string();
+    let second_id = second["id"].as_str().unwrap().to_string();
+    until(Duration::from_secs(10), "pending intents in the ledger", || async {
+        let ledger = http.ledger(&cp.url, &p.id).await;
+        ledger.get(&first_id).is_some_and(|i| i["status"] == "pending_approval")
+            && ledger.contains_key(&second_id)
+    })
+    .await;
+
+    http.admin(
+        &cp.url,
+        reqwest::Method::POST,
+        &format!("/intents/{first_id}/approve"),
+        json!({"note": "looks right"}),
+    )
+    .await;
+    http.admin(
+        &cp.url,
+        reqwest::Method::POST,
+        &format!("/intents/{second_id}/deny"),
+        json!({"note": "not this one"}),
+    )
+    .await;
+    let path = format!("/api/v1/purchase_intents/{first_id}");
+    let took = until(Duration::from_secs(5), "approval reached the agent", || async {
+        let (_, v) = http.agent_get(&sc.url, &key, &path).await;
+        v["status"] == "approved"
+    })
+    .await;
+    let (_, approved) = http.agent_get(&sc.url, &key, &path).await;
+    let card = &approved["card"];
+    assert!(
+        common::luhn(card["number"].as_str().unwrap()),
+        "{approved}"
+    );
+    assert_eq!(card["cvc"].as_str().unwrap().len(), 3);
+    assert_eq!(card["spending_limit"], 4_000);
+    assert!(codes(&approved).contains(&"approved_by_admin".to_string()));
+    eprintln!("approval reached the agent {took:?} after the admin decided");
+
+    let path = format!("/api/v1/purchase_intents/{second_id}");
+    until(Duration::from_secs(5), "denial reached the agent", || async {
+        let (_, v) = http.agent_get(&sc.url, &key, &path).await;
+        v["status"] == "declined" && codes(&v).contains(&"denied_by_admin".to_string())
+    })
+    .await;
+    assert_eq!(budget_left().await, 16_000, "the denied reservation is released");
+
+    // The ledger follows: the approved intent is approved with its card, the approval is
+    // no longer pending in the bundle, and the card is active at the issuer.
+    until(Duration::from_secs(10), "ledger has the outcome", || async {
+        let ledger = http.ledger(&cp.url, &p.id).await;
+        ledger.get(&first_id).is_some_and(|i| i["status"] == "approved")
+            && ledger.get(&second_id).is_some_and(|i| i["status"] == "declined")
+    })
+    .await;
+    let cards = emulator.cards().await;
+    assert_eq!(cards.len(), 1);
+    assert_eq!(cards[0]["status"], "active");
+    assert_eq!(cards[0]["metadata"]["roony_intent_id"], json!(first_id));
+}
+
+/// The offline limit: a sidecar that has not reached its control plane for longer than
+/// `--offline-limit` declines everything with `control_plane_unreachable`, even within the
+/// allowance it holds, and recovers when the control plane is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_limit_declines_until_the_control_plane_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emulator = common::start_emulator().await;
+    let http = Http(reqwest::Client::new());
+    let db = roony::control::db::default_sqlite_url(&tmp.path().join("cp-db"));
+    std::fs::create_dir_all(tmp.path().join("cp-db")).unwrap();
+    let mut cp = control_plane(tmp.path(), "cp", &db, "127.0.0.1:0");
+    let p = project(&http, &cp.url, &["agt_off"], 1_000_000).await;
+    let key = p.keys[0].clone();
+    let token = sidecar_token(&http, &cp.url, &p.id, "edge").await;
+    let sc = sidecar_with(
+        tmp.path(),
+        "sc",
+        &emulator.url,
+        &cp.url,
+        &token,
+        &[("ROONY_OFFLINE_LIMIT", "2")],
+    );
+    wait_synced(&http, &sc.url, &key).await;
+    let (status, body) = http.buy(&sc.url, &key, 500).await;
+    assert_eq!(status, 201, "{body}");
+
+    let cp_addr = cp.url.trim_start_matches("http://").to_string();
+    stop(&mut cp.child);
+    let stopped = Instant::now();
+    let (status, body) = http.buy(&sc.url, &key, 500).await;
+    assert_eq!(status, 201, "within the allowance and the offline limit: {body}");
+    tokio::time::sleep(Duration::from_millis(3_200).saturating_sub(stopped.elapsed())).await;
+    let (status, body) = http.buy(&sc.url, &key, 500).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(codes(&body), ["control_plane_unreachable"], "{body}");
+    assert!(
+        body["reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("offline limit"),
+        "{body}"
+    );
+
+    let _cp = control_plane(tmp.path(), "cp", &db, &cp_addr);
+    until(Duration::from_secs(20), "approved again", || async {
+        http.buy(&sc.url, &key, 500).await.0 == 201
+    })
+    .await;
 }

@@ -137,6 +137,11 @@ pub fn evaluate(
             .checked_sub(policy.budgets.len())
             .and_then(|j| usage.shared.get(j))
             .is_some_and(|s| s.unreachable);
+        let shared = i >= policy.budgets.len();
+        if shared && agent.control_plane_unreachable {
+            // Already declined as offline; the allowance could not be asked for.
+            continue;
+        }
         if amount.amount > b.remaining && unreachable {
             reasons.push(Reason::new(
                 ReasonCode::ControlPlaneUnreachable,

@@ -295,6 +295,9 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                if let Some(u) = &upstream {
+                    u.lost();
+                }
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync with the control plane failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -332,7 +335,10 @@ pub fn start_with_upstream(
     store: Store,
     config: SyncConfig,
     upstream: Arc<Upstream>,
-) -> (Result<Option<i64>, RestoreError>, Vec<tokio::task::JoinHandle<()>>) {
+) -> (
+    Result<Option<i64>, RestoreError>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     store.enable_outbox();
     let restored = restore(&store, &config);
     let etag = match &restored {

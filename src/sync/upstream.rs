@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use crate::store::{LeaseNeed, Store, StoreError};
@@ -43,6 +43,8 @@ pub struct Upstream {
     offline_limit_secs: i64,
     /// Unix seconds of the last answer from the control plane (any endpoint).
     last_contact: AtomicI64,
+    /// The last request to the control plane (any endpoint) was answered.
+    reachable: AtomicBool,
     /// Unix milliseconds of the last purchase that used a shared budget.
     last_lease_use_ms: AtomicI64,
     /// One lease request at a time; holds the last sequence number used.
@@ -102,6 +104,7 @@ impl Upstream {
             client,
             offline_limit_secs: i64::try_from(offline_limit.as_secs()).unwrap_or(i64::MAX),
             last_contact: AtomicI64::new(0),
+            reachable: AtomicBool::new(false),
             last_lease_use_ms: AtomicI64::new(0),
             lease_lock: tokio::sync::Mutex::new(last_seq),
             demand: Arc::default(),
@@ -157,7 +160,13 @@ impl Upstream {
 
     /// Notes an answer from the control plane now.
     pub fn contact(&self) {
+        self.reachable.store(true, Ordering::Release);
         self.contact_at(unix_now_ms() / 1000);
+    }
+
+    /// Notes a request to the control plane that failed.
+    pub fn lost(&self) {
+        self.reachable.store(false, Ordering::Release);
     }
 
     /// Notes contact at `at` (Unix seconds), if later than the last one.
@@ -195,7 +204,8 @@ impl Upstream {
                 leases,
             })
             .send()
-            .await?;
+            .await
+            .inspect_err(|_| self.lost())?;
         let status = resp.status().as_u16();
         if status != 200 {
             let body = resp.text().await.unwrap_or_default();
@@ -278,9 +288,13 @@ impl Upstream {
     }
 
     /// Gives back allowances not used for [`TRIM_AFTER`] (down to what is reserved) and
-    /// forgets those of buckets that are over.
+    /// forgets those of buckets that are over. Nothing is given back while the control
+    /// plane is unreachable: the sidecar keeps deciding within the allowance it holds.
     pub async fn trim(&self, store: &Store, now: i64) -> Result<(), UpstreamError> {
         store.drop_old_leases(now)?;
+        if !self.reachable.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let idle = unix_now_ms() - self.last_lease_use_ms.load(Ordering::Acquire);
         if idle < i64::try_from(TRIM_AFTER.as_millis()).unwrap_or(i64::MAX) {
             return Ok(());
@@ -341,7 +355,8 @@ impl Upstream {
                 events: batch.into_iter().map(|(_, e)| e).collect(),
             })
             .send()
-            .await?;
+            .await
+            .inspect_err(|_| self.lost())?;
         let status = resp.status().as_u16();
         if status != 200 {
             let body = resp.text().await.unwrap_or_default();

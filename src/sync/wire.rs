@@ -232,7 +232,9 @@ pub struct LeaseGrant {
     pub budget_id: String,
     pub bucket_start: i64,
     /// The allowance this sidecar now holds: `min(want, limit − granted to others)`, never
-    /// negative; 0 for a budget that no longer exists or does not apply to this sidecar.
+    /// negative; the allowance already held, unchanged, when the request's `seq` is stale;
+    /// 0 for a budget that no longer exists or does not apply to this sidecar (only `org`
+    /// and `project` budgets of the sidecar's project are leased).
     pub granted: i64,
     /// The budget's limit (0 if it does not exist).
     pub limit: i64,
@@ -441,7 +443,11 @@ mod tests {
         let before = content_etag(&a);
         a.revision += 1;
         a.generated_at += 1;
-        assert_eq!(content_etag(&a), before, "revision and time are not content");
+        assert_eq!(
+            content_etag(&a),
+            before,
+            "revision and time are not content"
+        );
         a.approvals.push(BundleApproval {
             intent_id: "pur_1".into(),
             agent_id: "agt_1".into(),

@@ -137,7 +137,9 @@ impl Http {
             if let Some(c) = &cursor {
                 path.push_str(&format!("&cursor={c}"));
             }
-            let page = self.admin(cp, reqwest::Method::GET, &path, Value::Null).await;
+            let page = self
+                .admin(cp, reqwest::Method::GET, &path, Value::Null)
+                .await;
             for i in page["items"].as_array().unwrap() {
                 out.insert(i["id"].as_str().unwrap().to_string(), i.clone());
             }
@@ -340,13 +342,7 @@ async fn three_sidecars_two_replicas_one_postgres() {
     let mut sidecars = Vec::new();
     for (i, cp) in [&a.url, &b.url, &a.url].into_iter().enumerate() {
         let token = sidecar_token(&http, cp, &p.id, &format!("edge-{i}")).await;
-        let s = sidecar(
-            tmp.path(),
-            &format!("sc{i}"),
-            &emulator.url,
-            cp,
-            &token,
-        );
+        let s = sidecar(tmp.path(), &format!("sc{i}"), &emulator.url, cp, &token);
         wait_synced(&http, &s.url, &p.keys[i]).await;
         sidecars.push((s, token));
     }
@@ -357,7 +353,9 @@ async fn three_sidecars_two_replicas_one_postgres() {
     for (i, (s, _)) in sidecars.iter().enumerate() {
         for _ in 0..40 {
             let (http, url, key) = (http.clone(), s.url.clone(), p.keys[i].clone());
-            tasks.push(tokio::spawn(async move { http.buy(&url, &key, 1_000).await }));
+            tasks.push(tokio::spawn(
+                async move { http.buy(&url, &key, 1_000).await },
+            ));
         }
     }
     let mut approved = Vec::new();
@@ -409,13 +407,17 @@ async fn three_sidecars_two_replicas_one_postgres() {
     assert!(leased >= approved_total, "{leased} < {approved_total}");
 
     // Every approval reaches the control plane's ledger (through either replica).
-    until(Duration::from_secs(20), "ledger has every approval", || async {
-        let ledger = http.ledger(&b.url, &p.id).await;
-        approved
-            .iter()
-            .all(|id| ledger.get(id).is_some_and(|i| i["status"] == "approved"))
-            && ledger.len() == 120
-    })
+    until(
+        Duration::from_secs(20),
+        "ledger has every approval",
+        || async {
+            let ledger = http.ledger(&b.url, &p.id).await;
+            approved
+                .iter()
+                .all(|id| ledger.get(id).is_some_and(|i| i["status"] == "approved"))
+                && ledger.len() == 120
+        },
+    )
     .await;
 
     // 2. A policy edit through replica B reaches all three sidecars within 1 s.
@@ -429,13 +431,17 @@ async fn three_sidecars_two_replicas_one_postgres() {
     let edited = Instant::now();
     for (s, _) in &sidecars {
         let key = p.keys[0].clone();
-        until(Duration::from_secs(5), "policy edit reached a sidecar", || {
-            let (http, url, key) = (http.clone(), s.url.clone(), key.clone());
-            async move {
-                let (status, body) = http.agent_get(&url, &key, "/api/v1/budget").await;
-                status == 200 && body["max_per_transaction"] == 500
-            }
-        })
+        until(
+            Duration::from_secs(5),
+            "policy edit reached a sidecar",
+            || {
+                let (http, url, key) = (http.clone(), s.url.clone(), key.clone());
+                async move {
+                    let (status, body) = http.agent_get(&url, &key, "/api/v1/budget").await;
+                    status == 200 && body["max_per_transaction"] == 500
+                }
+            },
+        )
         .await;
     }
     let took = edited.elapsed();
@@ -451,25 +457,24 @@ async fn three_sidecars_two_replicas_one_postgres() {
     .await;
     let (mut victim, token) = sidecars.pop().unwrap();
     let key = p.keys[2].clone();
-    until(Duration::from_secs(5), "raised budget reached the sidecar", || {
-        let (http, url, key) = (http.clone(), victim.url.clone(), key.clone());
-        async move {
-            let (_, body) = http.agent_get(&url, &key, "/api/v1/budget").await;
-            body["budgets"]
-                .as_array()
-                .is_some_and(|b| b.iter().any(|x| x["limit"] == 10_000_000))
-        }
-    })
+    until(
+        Duration::from_secs(5),
+        "raised budget reached the sidecar",
+        || {
+            let (http, url, key) = (http.clone(), victim.url.clone(), key.clone());
+            async move {
+                let (_, body) = http.agent_get(&url, &key, "/api/v1/budget").await;
+                body["budgets"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|x| x["limit"] == 10_000_000))
+            }
+        },
+    )
     .await;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut load = Vec::new();
     for _ in 0..6 {
-        let (http, url, key, seen) = (
-            http.clone(),
-            victim.url.clone(),
-            key.clone(),
-            seen.clone(),
-        );
+        let (http, url, key, seen) = (http.clone(), victim.url.clone(), key.clone(), seen.clone());
         load.push(tokio::spawn(async move {
             loop {
                 let r = http
@@ -507,11 +512,15 @@ async fn three_sidecars_two_replicas_one_postgres() {
             .unwrap_or_else(|| panic!("approved {id} lost by the sidecar"));
         assert_eq!(v["status"], "approved", "{v}");
     }
-    until(Duration::from_secs(20), "killed sidecar's outbox drained", || async {
-        let ledger = http.ledger(&a.url, &p.id).await;
-        seen.iter()
-            .all(|id| ledger.get(id).is_some_and(|i| i["status"] == "approved"))
-    })
+    until(
+        Duration::from_secs(20),
+        "killed sidecar's outbox drained",
+        || async {
+            let ledger = http.ledger(&a.url, &p.id).await;
+            seen.iter()
+                .all(|id| ledger.get(id).is_some_and(|i| i["status"] == "approved"))
+        },
+    )
     .await;
 
     drop(restarted);
@@ -593,11 +602,15 @@ async fn partition_stop_and_restart_the_control_plane() {
     // It comes back on the same address: purchases are approved again.
     let cp = control_plane(tmp.path(), "cp", &db, &cp_addr);
     let back_at = answers.lock().unwrap().len();
-    until(Duration::from_secs(30), "approvals after reconnect", || async {
-        answers.lock().unwrap()[back_at..]
-            .iter()
-            .any(|(s, _)| *s == 201)
-    })
+    until(
+        Duration::from_secs(30),
+        "approvals after reconnect",
+        || async {
+            answers.lock().unwrap()[back_at..]
+                .iter()
+                .any(|(s, _)| *s == 201)
+        },
+    )
     .await;
     running.store(false, std::sync::atomic::Ordering::SeqCst);
     for t in load {
@@ -622,9 +635,9 @@ async fn partition_stop_and_restart_the_control_plane() {
         let ledger = http.ledger(&cp.url, &p.id).await;
         ledger.len() == sidecar_view.len()
             && sidecar_view.iter().all(|(id, v)| {
-                ledger.get(id).is_some_and(|l| {
-                    l["status"] == v["status"] && l["amount"] == v["amount"]
-                })
+                ledger
+                    .get(id)
+                    .is_some_and(|l| l["status"] == v["status"] && l["amount"] == v["amount"])
             })
     })
     .await;
@@ -676,14 +689,24 @@ async fn admin_approval_reaches_the_agent() {
     assert_eq!(first["status"], "pending_approval");
     let (status, second) = http.buy(&sc.url, &key, 3_000).await;
     assert_eq!(status, 202, "{second}");
-    assert_eq!(budget_left().await, 13_000, "both are reserved while they wait");
+    assert_eq!(
+        budget_left().await,
+        13_000,
+        "both are reserved while they wait"
+    );
     let first_id = first["id"].as_str().unwrap().to_string();
     let second_id = second["id"].as_str().unwrap().to_string();
-    until(Duration::from_secs(10), "pending intents in the ledger", || async {
-        let ledger = http.ledger(&cp.url, &p.id).await;
-        ledger.get(&first_id).is_some_and(|i| i["status"] == "pending_approval")
-            && ledger.contains_key(&second_id)
-    })
+    until(
+        Duration::from_secs(10),
+        "pending intents in the ledger",
+        || async {
+            let ledger = http.ledger(&cp.url, &p.id).await;
+            ledger
+                .get(&first_id)
+                .is_some_and(|i| i["status"] == "pending_approval")
+                && ledger.contains_key(&second_id)
+        },
+    )
     .await;
 
     http.admin(
@@ -701,37 +724,54 @@ async fn admin_approval_reaches_the_agent() {
     )
     .await;
     let path = format!("/api/v1/purchase_intents/{first_id}");
-    let took = until(Duration::from_secs(5), "approval reached the agent", || async {
-        let (_, v) = http.agent_get(&sc.url, &key, &path).await;
-        v["status"] == "approved"
-    })
+    let took = until(
+        Duration::from_secs(5),
+        "approval reached the agent",
+        || async {
+            let (_, v) = http.agent_get(&sc.url, &key, &path).await;
+            v["status"] == "approved"
+        },
+    )
     .await;
     let (_, approved) = http.agent_get(&sc.url, &key, &path).await;
     let card = &approved["card"];
-    assert!(
-        common::luhn(card["number"].as_str().unwrap()),
-        "{approved}"
-    );
+    assert!(common::luhn(card["number"].as_str().unwrap()), "{approved}");
     assert_eq!(card["cvc"].as_str().unwrap().len(), 3);
     assert_eq!(card["spending_limit"], 4_000);
     assert!(codes(&approved).contains(&"approved_by_admin".to_string()));
     eprintln!("approval reached the agent {took:?} after the admin decided");
 
     let path = format!("/api/v1/purchase_intents/{second_id}");
-    until(Duration::from_secs(5), "denial reached the agent", || async {
-        let (_, v) = http.agent_get(&sc.url, &key, &path).await;
-        v["status"] == "declined" && codes(&v).contains(&"denied_by_admin".to_string())
-    })
+    until(
+        Duration::from_secs(5),
+        "denial reached the agent",
+        || async {
+            let (_, v) = http.agent_get(&sc.url, &key, &path).await;
+            v["status"] == "declined" && codes(&v).contains(&"denied_by_admin".to_string())
+        },
+    )
     .await;
-    assert_eq!(budget_left().await, 16_000, "the denied reservation is released");
+    assert_eq!(
+        budget_left().await,
+        16_000,
+        "the denied reservation is released"
+    );
 
     // The ledger follows: the approved intent is approved with its card, the approval is
     // no longer pending in the bundle, and the card is active at the issuer.
-    until(Duration::from_secs(10), "ledger has the outcome", || async {
-        let ledger = http.ledger(&cp.url, &p.id).await;
-        ledger.get(&first_id).is_some_and(|i| i["status"] == "approved")
-            && ledger.get(&second_id).is_some_and(|i| i["status"] == "declined")
-    })
+    until(
+        Duration::from_secs(10),
+        "ledger has the outcome",
+        || async {
+            let ledger = http.ledger(&cp.url, &p.id).await;
+            ledger
+                .get(&first_id)
+                .is_some_and(|i| i["status"] == "approved")
+                && ledger
+                    .get(&second_id)
+                    .is_some_and(|i| i["status"] == "declined")
+        },
+    )
     .await;
     let cards = emulator.cards().await;
     assert_eq!(cards.len(), 1);
@@ -769,7 +809,10 @@ async fn offline_limit_declines_until_the_control_plane_returns() {
     stop(&mut cp.child);
     let stopped = Instant::now();
     let (status, body) = http.buy(&sc.url, &key, 500).await;
-    assert_eq!(status, 201, "within the allowance and the offline limit: {body}");
+    assert_eq!(
+        status, 201,
+        "within the allowance and the offline limit: {body}"
+    );
     tokio::time::sleep(Duration::from_millis(3_200).saturating_sub(stopped.elapsed())).await;
     let (status, body) = http.buy(&sc.url, &key, 500).await;
     assert_eq!(status, 402, "{body}");

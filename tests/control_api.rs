@@ -244,6 +244,9 @@ async fn migrations_apply(ctx: Ctx) {
         "settlements",
         "audit_events",
         "sync_event_ids",
+        "sidecars",
+        "config_revision",
+        "budget_leases",
     ] {
         assert!(tables.iter().any(|x| x == t), "{t} missing: {tables:?}");
     }
@@ -265,6 +268,8 @@ async fn migrations_apply(ctx: Ctx) {
         "audit_events_actor",
         "agents_status_created",
         "audit_events_target",
+        "intents_project_sidecar_status",
+        "budget_leases_sidecar",
     ] {
         assert!(indexes.iter().any(|x| x == i), "{i} missing: {indexes:?}");
     }

@@ -68,6 +68,9 @@ async fn served_spec_equals_committed_spec() {
         "/api/admin/v1/intents/{id}/deny",
         "/api/admin/v1/decisions",
         "/api/admin/v1/audit_events",
+        "/api/admin/v1/sidecars",
+        "/api/admin/v1/sidecars/{id}/revoke",
+        "/api/admin/v1/budgets/{id}/leases",
     ] {
         assert!(
             served["paths"].get(path).is_some(),

@@ -17,8 +17,8 @@ use utoipa_axum::routes;
 
 use super::db::{Actor, AgentFilter, AuditFilter, ControlDb, DbError, LedgerFilter};
 use super::model::{
-    Agent, AgentKey, AuditEvent, Budget, BudgetScope, Cursor, Decision, Intent, Organization,
-    PolicyRevision, Project, Sidecar,
+    Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision, Intent,
+    Organization, PolicyRevision, Project, Sidecar,
 };
 use crate::api::{ApiError, ApiJson, MAX_BODY_BYTES};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
@@ -1167,8 +1167,9 @@ async fn decide(
     Ok(Json(ApprovalResult { intent, decision }))
 }
 
-/// Approve a `pending_approval` intent (recorded in the ledger; sidecars learn of it
-/// through sync, a later step).
+/// Approve a `pending_approval` intent. Recorded in the ledger; while the intent's sidecar
+/// still reports it pending, the project's bundle carries the decision (`approvals`), and
+/// waiting long-polls answer at once.
 #[utoipa::path(
     post,
     path = "/api/admin/v1/intents/{id}/approve",
@@ -1415,6 +1416,70 @@ async fn list_sidecars(
     }))
 }
 
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BudgetLeaseList {
+    pub items: Vec<BudgetLease>,
+}
+
+/// Revoke a sidecar's token: its sync requests are refused (401) from now on. Allowances of
+/// shared budgets it holds stay counted until their period ends.
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/sidecars/{id}/revoke",
+    tag = "sidecars",
+    params(("id" = String, Path, description = "Sidecar id (`sc_…`)")),
+    responses(
+        (status = 200, body = Sidecar),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+        (status = 409, description = "Already revoked", body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn revoke_sidecar(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Sidecar>, AdminError> {
+    let id = path(id, "sidecar")?;
+    let sidecar = state
+        .db
+        .revoke_sidecar(&id, &actor, now())
+        .await
+        .map_err(|e| match e {
+            DbError::Conflict(m) => {
+                AdminError::new(StatusCode::CONFLICT, "sidecar_already_revoked", m)
+            }
+            other => other.into(),
+        })?;
+    Ok(Json(sidecar))
+}
+
+/// The allowances of a shared (org or project) budget that sidecars hold now, newest bucket
+/// first. Their sum per bucket never exceeds the limit at the time of each grant.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/budgets/{id}/leases",
+    tag = "budgets",
+    params(("id" = String, Path, description = "Budget id (`bud_…`)")),
+    responses(
+        (status = 200, body = BudgetLeaseList),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_budget_leases(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<BudgetLeaseList>, AdminError> {
+    let id = path(id, "budget")?;
+    Ok(Json(BudgetLeaseList {
+        items: state.db.list_budget_leases(&id).await?,
+    }))
+}
+
 // ----- the app -------------------------------------------------------------------------
 
 struct SecurityAddon;
@@ -1450,7 +1515,7 @@ impl Modify for SecurityAddon {
         (name = "budgets", description = "Budgets of organizations, projects and agents"),
         (name = "ledger", description = "Intents, decisions, approvals"),
         (name = "audit", description = "The audit trail"),
-        (name = "sidecars", description = "Sidecar identities for sync (policy distribution)"),
+        (name = "sidecars", description = "Sidecar identities for sync"),
     )
 )]
 struct AdminDoc;
@@ -1469,6 +1534,7 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(put_policy, get_policy))
         .routes(routes!(list_policy_revisions))
         .routes(routes!(set_budget, list_budgets))
+        .routes(routes!(list_budget_leases))
         .routes(routes!(list_intents))
         .routes(routes!(get_intent))
         .routes(routes!(approve_intent))
@@ -1476,6 +1542,7 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(list_decisions))
         .routes(routes!(list_audit_events))
         .routes(routes!(create_sidecar, list_sidecars))
+        .routes(routes!(revoke_sidecar))
 }
 
 /// The admin API's OpenAPI document.
@@ -1489,7 +1556,7 @@ pub fn openapi_json() -> String {
 }
 
 /// The control plane's HTTP app: the admin API, `/api/admin/v1/openapi.json`, the sync
-/// endpoint (`/api/sync/v1/bundle`) and `/healthz`.
+/// endpoints (`/api/sync/v1/bundle`, `…/events`, `…/leases`) and `/healthz`.
 pub fn router(db: ControlDb) -> Router {
     let (_, stopping) = tokio::sync::watch::channel(false);
     router_with_stop(db, stopping)
@@ -1510,6 +1577,18 @@ pub fn router_with_stop(db: ControlDb, stopping: tokio::sync::watch::Receiver<bo
         .route(
             crate::sync::wire::BUNDLE_PATH,
             axum::routing::get(super::sync::bundle),
+        )
+        .route(
+            crate::sync::wire::EVENTS_PATH,
+            axum::routing::post(super::sync::events).layer(axum::extract::DefaultBodyLimit::max(
+                super::sync::MAX_SYNC_BODY_BYTES,
+            )),
+        )
+        .route(
+            crate::sync::wire::LEASES_PATH,
+            axum::routing::post(super::sync::leases).layer(axum::extract::DefaultBodyLimit::max(
+                super::sync::MAX_SYNC_BODY_BYTES,
+            )),
         )
         .route("/healthz", axum::routing::get(healthz))
         .fallback(not_found)

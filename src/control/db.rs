@@ -12,11 +12,14 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 
 use super::model::{
-    Agent, AgentKey, AuditEvent, Budget, BudgetScope, Cursor, Decision, Intent, NewDecision,
-    NewIntent, Organization, Page, PolicyRevision, Project, Sidecar,
+    Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision, Intent,
+    NewDecision, NewIntent, Organization, Page, PolicyRevision, Project, Sidecar,
 };
 use crate::service::ids::new_id;
-use crate::sync::wire::{BundleAgent, BundleKey};
+use crate::sync::wire::{
+    BundleAgent, BundleApproval, BundleBudget, BundleKey, EventAck, LeaseGrant, LeaseWant,
+    RejectedEvent, SyncEvent,
+};
 
 /// The embedded migrations, in order. The files live in `migrations/` at the repository root.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -26,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0001_control_plane.sql"),
     ),
     (2, "sync", include_str!("../../migrations/0002_sync.sql")),
+    (
+        3,
+        "sync ledger",
+        include_str!("../../migrations/0003_sync_ledger.sql"),
+    ),
 ];
 
 /// Which database a [`ControlDb`] talks to.
@@ -206,11 +214,13 @@ pub struct ControlDb {
     changes: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
 }
 
-/// A sidecar as the sync endpoint authenticates it.
+/// A sidecar as the sync endpoints authenticate it.
 #[derive(Clone, Debug)]
 pub struct SidecarAuth {
     pub id: String,
     pub project_id: String,
+    /// The organization of its project.
+    pub org_id: String,
     pub token_hash: String,
     pub revoked: bool,
 }
@@ -354,9 +364,31 @@ impl ControlDb {
         details: serde_json::Value,
         now: i64,
     ) -> Result<(), DbError> {
+        Self::audit_outcome(
+            conn,
+            actor,
+            action,
+            (target_type, target_id),
+            "success",
+            details,
+            now,
+        )
+        .await
+    }
+
+    /// An audit event with an explicit outcome (`success` or `failure`).
+    async fn audit_outcome(
+        conn: &mut sqlx::AnyConnection,
+        actor: &Actor,
+        action: &str,
+        (target_type, target_id): (&str, &str),
+        outcome: &str,
+        details: serde_json::Value,
+        now: i64,
+    ) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'success', $7, $8, $9)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(new_id("aud"))
         .bind(actor.kind)
@@ -364,6 +396,7 @@ impl ControlDb {
         .bind(action.to_string())
         .bind(target_type.to_string())
         .bind(target_id.to_string())
+        .bind(outcome.to_string())
         .bind(actor.request_id.clone())
         .bind(now)
         .bind(details.to_string())
@@ -1192,8 +1225,11 @@ impl ControlDb {
     }
 
     /// Approves or denies an intent that is `pending_approval`: the intent moves to
-    /// `approved`/`declined` and a decision by the administrator is recorded. Any other state
-    /// is a conflict.
+    /// `approved`/`declined`, a decision by the administrator is recorded, and the intent's
+    /// `admin_*` columns are set, so that while its sidecar still reports it
+    /// `pending_approval` the project's bundle carries the decision (`approvals`). Commits
+    /// with a configuration-revision bump (waiting long-polls answer at once). Any other
+    /// state is a conflict.
     pub async fn decide_pending(
         &self,
         intent_id: &str,
@@ -1210,11 +1246,14 @@ impl ControlDb {
             "denied_by_admin"
         };
         let n = sqlx::query(
-            "UPDATE intents SET status = $1, updated_at = $2 WHERE id = $3 AND status = 'pending_approval'",
+            "UPDATE intents SET status = $1, updated_at = $2, admin_decision = $1, admin_note = $4, \
+             admin_actor = $5, admin_decided_at = $2 WHERE id = $3 AND status = 'pending_approval'",
         )
         .bind(status)
         .bind(now)
         .bind(intent_id.to_string())
+        .bind(note.map(str::to_string))
+        .bind(actor.name.clone())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -1275,7 +1314,9 @@ impl ControlDb {
             now,
         )
         .await?;
-        tx.commit().await?;
+        // The decision reaches the intent's sidecar through the bundle (`approvals`): bump
+        // the revision so waiting long-polls answer at once.
+        self.commit_config(tx).await?;
         let intent = self.get_intent(intent_id).await?;
         let sql = format!("SELECT {DECISION_COLUMNS} FROM decisions WHERE id = $1");
         let row = sqlx::query(AssertSqlSafe(sql))
@@ -1429,7 +1470,8 @@ impl ControlDb {
     /// The sidecar a token id names, with its stored hash.
     pub async fn find_sidecar(&self, token_id: &str) -> Result<Option<SidecarAuth>, DbError> {
         let row = sqlx::query(
-            "SELECT id, project_id, token_hash, revoked_at FROM sidecars WHERE token_id = $1",
+            "SELECT s.id, s.project_id, p.org_id, s.token_hash, s.revoked_at FROM sidecars s \
+             JOIN projects p ON p.id = s.project_id WHERE s.token_id = $1",
         )
         .bind(token_id.to_string())
         .fetch_optional(&self.pool)
@@ -1438,6 +1480,7 @@ impl ControlDb {
             Ok(SidecarAuth {
                 id: r.try_get("id")?,
                 project_id: r.try_get("project_id")?,
+                org_id: r.try_get("org_id")?,
                 token_hash: r.try_get("token_hash")?,
                 revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
             })
@@ -1464,6 +1507,22 @@ impl ControlDb {
         .bind(project_id.to_string())
         .fetch_all(&self.pool)
         .await?;
+        let budgets = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {BUDGET_COLUMNS} FROM budgets b JOIN agents a ON a.id = b.scope_id \
+             WHERE b.scope = 'agent' AND a.project_id = $1 ORDER BY b.id"
+        )))
+        .bind(project_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut budgets_by_agent: std::collections::HashMap<String, Vec<BundleBudget>> =
+            std::collections::HashMap::new();
+        for b in &budgets {
+            let b = bundle_budget_from_row(b)?;
+            budgets_by_agent
+                .entry(b.scope_id.clone())
+                .or_default()
+                .push(b);
+        }
         let mut by_agent: std::collections::HashMap<String, Vec<BundleKey>> =
             std::collections::HashMap::new();
         for k in &keys {
@@ -1486,8 +1545,497 @@ impl ControlDb {
                     status: a.try_get("status")?,
                     policy: document.as_deref().map(parse_json).transpose()?,
                     keys: by_agent.remove(&id).unwrap_or_default(),
-                    budgets: Vec::new(),
+                    budgets: budgets_by_agent.remove(&id).unwrap_or_default(),
                     id,
+                })
+            })
+            .collect()
+    }
+
+    /// The shared budgets of a project's bundle: the project's own and its organization's,
+    /// ordered by id (spent through leases).
+    pub async fn bundle_budgets(&self, project_id: &str) -> Result<Vec<BundleBudget>, DbError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {BUDGET_COLUMNS} FROM budgets b \
+             WHERE (b.scope = 'project' AND b.scope_id = $1) \
+             OR (b.scope = 'org' AND b.scope_id = (SELECT p.org_id FROM projects p WHERE p.id = $1)) \
+             ORDER BY b.id"
+        )))
+        .bind(project_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(bundle_budget_from_row).collect()
+    }
+
+    /// Administrators' decisions on intents of a project that its sidecar still reports
+    /// `pending_approval`, ordered by intent id (the `approvals` of its bundle).
+    pub async fn bundle_approvals(&self, project_id: &str) -> Result<Vec<BundleApproval>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, agent_id, admin_decision, admin_note, admin_actor, admin_decided_at FROM intents \
+             WHERE project_id = $1 AND sidecar_status = 'pending_approval' AND admin_decision IS NOT NULL \
+             ORDER BY id",
+        )
+        .bind(project_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BundleApproval {
+                    intent_id: r.try_get("id")?,
+                    agent_id: r.try_get("agent_id")?,
+                    approved: r.try_get::<String, _>("admin_decision")? == "approved",
+                    note: r.try_get("admin_note")?,
+                    actor: r
+                        .try_get::<Option<String>, _>("admin_actor")?
+                        .unwrap_or_default(),
+                    decided_at: r
+                        .try_get::<Option<i64>, _>("admin_decided_at")?
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes a sidecar's token: its bundle, events and lease requests are refused (`401
+    /// invalid_sidecar_token`) from now on. Bumps the configuration revision so that its
+    /// waiting long-polls wake and end with 401 at once.
+    ///
+    /// The leases it holds stay counted against their budgets (conservative: what it
+    /// approved within them stays approved); they end with their period buckets.
+    pub async fn revoke_sidecar(
+        &self,
+        id: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Sidecar, DbError> {
+        let mut tx = self.tx().await?;
+        let row = sqlx::query(
+            "SELECT id, project_id, name, created_at, revoked_at FROM sidecars WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(DbError::NotFound("sidecar"))?;
+        let mut sidecar = Sidecar {
+            id: row.try_get("id")?,
+            project_id: row.try_get("project_id")?,
+            name: row.try_get("name")?,
+            created_at: row.try_get("created_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+        };
+        if sidecar.revoked_at.is_some() {
+            return Err(DbError::Conflict("the sidecar is already revoked".into()));
+        }
+        sqlx::query("UPDATE sidecars SET revoked_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "sidecar.revoke",
+            "sidecar",
+            id,
+            serde_json::json!({"project_id": sidecar.project_id}),
+            now,
+        )
+        .await?;
+        self.commit_config(tx).await?;
+        sidecar.revoked_at = Some(now);
+        Ok(sidecar)
+    }
+
+    // ----- events up (the sidecars' outboxes) -------------------------------------------
+
+    /// Applies a batch of events from a sidecar's outbox in one transaction.
+    ///
+    /// Each event id is applied once (`sync_event_ids`; a repeat counts as a duplicate). An
+    /// event whose agent is unknown or not in the sidecar's project, whose intent belongs to
+    /// another agent, or whose content is invalid is rejected for good (recorded as seen and
+    /// as a failed audit event). Otherwise the intent snapshot is upserted only if its
+    /// `version` is newer than the one held (reordered and late events are harmless), with
+    /// the sidecar's decision and card reference, and one audit event is written.
+    ///
+    /// While an administrator's decision is set on the intent, a `pending_approval`
+    /// snapshot does not overwrite its status (the sidecar has not acted on the decision
+    /// yet), and the intent keeps pointing at the administrator's decision. The batch
+    /// commits with a configuration-revision bump only if it changed an intent carrying an
+    /// administrator's decision (the bundle's `approvals` may have changed); otherwise
+    /// events never wake long-polls.
+    pub async fn apply_events(
+        &self,
+        sidecar: &SidecarAuth,
+        events: &[SyncEvent],
+        now: i64,
+    ) -> Result<EventAck, DbError> {
+        let actor = Actor {
+            kind: "sidecar",
+            id: sidecar.id.clone(),
+            name: sidecar.id.clone(),
+            request_id: Some(new_id("req")),
+        };
+        let mut ack = EventAck {
+            accepted: 0,
+            duplicates: 0,
+            rejected: Vec::new(),
+        };
+        let mut approvals_changed = false;
+        let mut tx = self.tx().await?;
+        for event in events {
+            let fresh = sqlx::query(
+                "INSERT INTO sync_event_ids (event_id, received_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(event.id.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if fresh == 0 {
+                ack.duplicates += 1;
+                continue;
+            }
+            match Self::apply_event(&mut tx, sidecar, &actor, event).await? {
+                Ok(admin_decided) => {
+                    ack.accepted += 1;
+                    approvals_changed |= admin_decided;
+                }
+                Err((code, message)) => {
+                    Self::audit_outcome(
+                        &mut tx,
+                        &actor,
+                        &audit_action(&event.action),
+                        ("intent", &event.intent.id),
+                        "failure",
+                        serde_json::json!({
+                            "event_id": event.id,
+                            "agent_id": event.intent.agent_id,
+                            "code": code,
+                            "message": message,
+                        }),
+                        now,
+                    )
+                    .await?;
+                    ack.rejected.push(RejectedEvent {
+                        id: event.id.clone(),
+                        code: code.to_string(),
+                        message,
+                    });
+                }
+            }
+        }
+        if approvals_changed {
+            self.commit_config(tx).await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(ack)
+    }
+
+    /// Applies one new event. `Ok(Ok(true))` when it changed an intent that carries an
+    /// administrator's decision; `Ok(Err((code, message)))` when it is rejected.
+    async fn apply_event(
+        conn: &mut sqlx::AnyConnection,
+        sidecar: &SidecarAuth,
+        actor: &Actor,
+        event: &SyncEvent,
+    ) -> Result<Result<bool, (&'static str, String)>, DbError> {
+        let i = &event.intent;
+        if let Err(message) = check_event(event) {
+            return Ok(Err(("invalid_event", message)));
+        }
+        let agent = sqlx::query("SELECT org_id, project_id FROM agents WHERE id = $1")
+            .bind(i.agent_id.clone())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(agent) = agent else {
+            return Ok(Err(("unknown_agent", format!("no agent {}", i.agent_id))));
+        };
+        let org_id: String = agent.try_get("org_id")?;
+        let project_id: String = agent.try_get("project_id")?;
+        if project_id != sidecar.project_id {
+            return Ok(Err((
+                "agent_not_in_project",
+                format!("agent {} is not in the sidecar's project", i.agent_id),
+            )));
+        }
+        let owner = sqlx::query("SELECT agent_id FROM intents WHERE id = $1")
+            .bind(i.id.clone())
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(owner) = owner
+            && owner.try_get::<String, _>("agent_id")? != i.agent_id
+        {
+            return Ok(Err((
+                "intent_of_another_agent",
+                format!("intent {} belongs to another agent", i.id),
+            )));
+        }
+        let reasons = serde_json::to_string(&i.decision.reasons)
+            .map_err(|e| DbError::Corrupt(e.to_string()))?;
+        // Applied only if newer; RETURNING yields a row only when it was.
+        let applied = sqlx::query(
+            "INSERT INTO intents (id, org_id, project_id, agent_id, status, amount, currency, merchant_name, \
+             merchant_domain, merchant_country, description, decision_id, reasons, created_at, updated_at, \
+             version, sidecar_id, sidecar_status, reserved, status_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19) \
+             ON CONFLICT (id) DO UPDATE SET \
+             status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
+                 THEN intents.status ELSE excluded.status END, \
+             amount = excluded.amount, currency = excluded.currency, merchant_name = excluded.merchant_name, \
+             merchant_domain = excluded.merchant_domain, merchant_country = excluded.merchant_country, \
+             description = excluded.description, \
+             decision_id = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.decision_id \
+                 ELSE excluded.decision_id END, \
+             reasons = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.reasons ELSE excluded.reasons END, \
+             updated_at = excluded.updated_at, version = excluded.version, sidecar_id = excluded.sidecar_id, \
+             sidecar_status = excluded.sidecar_status, reserved = excluded.reserved, \
+             status_reason = excluded.status_reason \
+             WHERE intents.version < excluded.version \
+             RETURNING admin_decision",
+        )
+        .bind(i.id.clone())
+        .bind(org_id.clone())
+        .bind(project_id.clone())
+        .bind(i.agent_id.clone())
+        .bind(i.status.clone())
+        .bind(i.amount)
+        .bind(i.currency.clone())
+        .bind(i.merchant_name.clone())
+        .bind(i.merchant_domain.clone())
+        .bind(i.merchant_country.clone())
+        .bind(i.description.clone())
+        .bind(i.decision.id.clone())
+        .bind(reasons.clone())
+        .bind(i.created_at)
+        .bind(i.updated_at)
+        .bind(i.version)
+        .bind(sidecar.id.clone())
+        .bind(i.reserved)
+        .bind(i.status_reason.clone())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let mut admin_decided = false;
+        if let Some(row) = &applied {
+            admin_decided = row
+                .try_get::<Option<String>, _>("admin_decision")?
+                .is_some();
+            // The sidecar's decision, by its own id (the intent keeps pointing at an
+            // administrator's decision, if there is one).
+            sqlx::query(
+                "INSERT INTO decisions (id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, \
+                 actor_id, note, policy_revision, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'sidecar', $8, NULL, NULL, $9) \
+                 ON CONFLICT (id) DO UPDATE SET outcome = excluded.outcome, reasons = excluded.reasons \
+                 WHERE decisions.intent_id = excluded.intent_id",
+            )
+            .bind(i.decision.id.clone())
+            .bind(i.id.clone())
+            .bind(org_id)
+            .bind(project_id)
+            .bind(i.agent_id.clone())
+            .bind(i.decision.outcome.clone())
+            .bind(reasons)
+            .bind(sidecar.id.clone())
+            .bind(i.decision.decided_at)
+            .execute(&mut *conn)
+            .await?;
+            if let Some(card) = &i.card {
+                let status = match i.status.as_str() {
+                    "approved" | "issuing" | "pending_approval" => "active",
+                    _ => "canceled",
+                };
+                sqlx::query(
+                    "INSERT INTO cards (id, intent_id, agent_id, stripe_card_id, last4, exp_month, exp_year, \
+                     spending_limit, currency, status, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $1, $4, $5, $6, $7, $8, $9, $10, $10) \
+                     ON CONFLICT (stripe_card_id) DO UPDATE SET status = excluded.status, \
+                     spending_limit = excluded.spending_limit, updated_at = excluded.updated_at \
+                     WHERE cards.intent_id = excluded.intent_id",
+                )
+                .bind(card.stripe_card_id.clone())
+                .bind(i.id.clone())
+                .bind(i.agent_id.clone())
+                .bind(card.last4.clone())
+                .bind(card.exp_month)
+                .bind(card.exp_year)
+                .bind(card.spending_limit)
+                .bind(i.currency.clone())
+                .bind(status)
+                .bind(i.updated_at)
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+        Self::audit_outcome(
+            &mut *conn,
+            actor,
+            &audit_action(&event.action),
+            ("intent", &i.id),
+            "success",
+            serde_json::json!({
+                "event_id": event.id,
+                "agent_id": i.agent_id,
+                "version": i.version,
+                "status": i.status,
+                "status_reason": i.status_reason,
+                "reasons": i.decision.reasons,
+                "amount": i.amount,
+                "currency": i.currency,
+                "applied": applied.is_some(),
+            }),
+            event.at,
+        )
+        .await?;
+        Ok(Ok(admin_decided))
+    }
+
+    // ----- leases of shared budgets ------------------------------------------------------
+
+    /// Sets a sidecar's allowance of a shared budget for one period bucket to what it wants,
+    /// as far as the budget allows, in one transaction.
+    ///
+    /// **Invariant**: for every budget and bucket, the sum of the allowances granted to all
+    /// sidecars never exceeds the budget's limit at the time of each grant. The first
+    /// statement locks the budget row (`UPDATE budgets …`: a row lock held to commit on
+    /// PostgreSQL, also across replicas; the database write lock on SQLite, `BEGIN
+    /// IMMEDIATE`), so concurrent grants of one budget are serialized and each sees every
+    /// other sidecar's committed allowance: it grants at most `limit − others`. (A limit
+    /// lowered below what is already granted leaves existing allowances alone; new grants
+    /// are then 0 until others give allowance back.)
+    ///
+    /// A request whose `seq` is not newer than the newest this sidecar has applied to the
+    /// budget is stale (a late retry): the allowance held is returned unchanged. A budget
+    /// that does not exist or is not the sidecar's project's or organization's grants 0 with
+    /// limit 0. Granting for a bucket drops this sidecar's allowances of older buckets of
+    /// the budget. Allowances of revoked sidecars stay counted until their bucket ends.
+    pub async fn grant_lease(
+        &self,
+        sidecar: &SidecarAuth,
+        seq: i64,
+        want: &LeaseWant,
+        now: i64,
+    ) -> Result<LeaseGrant, DbError> {
+        let mut grant = LeaseGrant {
+            budget_id: want.budget_id.clone(),
+            bucket_start: want.bucket_start,
+            granted: 0,
+            limit: 0,
+            leased_total: 0,
+        };
+        let mut tx = self.tx().await?;
+        // First statement: the lock that serializes grants of this budget.
+        let locked = sqlx::query("UPDATE budgets SET updated_at = updated_at WHERE id = $1")
+            .bind(want.budget_id.clone())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if locked == 0 {
+            tx.rollback().await?;
+            return Ok(grant);
+        }
+        let budget = sqlx::query("SELECT scope, scope_id, limit_amount FROM budgets WHERE id = $1")
+            .bind(want.budget_id.clone())
+            .fetch_one(&mut *tx)
+            .await?;
+        let scope: String = budget.try_get("scope")?;
+        let scope_id: String = budget.try_get("scope_id")?;
+        let applies = match scope.as_str() {
+            "project" => scope_id == sidecar.project_id,
+            "org" => scope_id == sidecar.org_id,
+            _ => false,
+        };
+        if !applies {
+            tx.rollback().await?;
+            return Ok(grant);
+        }
+        grant.limit = budget.try_get("limit_amount")?;
+        let others: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(granted), 0) AS BIGINT) AS total FROM budget_leases \
+             WHERE budget_id = $1 AND bucket_start = $2 AND sidecar_id <> $3",
+        )
+        .bind(want.budget_id.clone())
+        .bind(want.bucket_start)
+        .bind(sidecar.id.clone())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("total")?;
+        let held: Option<i64> = sqlx::query(
+            "SELECT granted FROM budget_leases WHERE budget_id = $1 AND bucket_start = $2 AND sidecar_id = $3",
+        )
+        .bind(want.budget_id.clone())
+        .bind(want.bucket_start)
+        .bind(sidecar.id.clone())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get("granted"))
+        .transpose()?;
+        let newest_seq: Option<i64> = sqlx::query(
+            "SELECT MAX(seq) AS seq FROM budget_leases WHERE budget_id = $1 AND sidecar_id = $2",
+        )
+        .bind(want.budget_id.clone())
+        .bind(sidecar.id.clone())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("seq")?;
+        if newest_seq.is_some_and(|newest| newest >= seq) {
+            tx.rollback().await?;
+            grant.granted = held.unwrap_or(0);
+            grant.leased_total = others.saturating_add(grant.granted);
+            return Ok(grant);
+        }
+        let room = grant.limit.saturating_sub(others).max(0);
+        grant.granted = want.want.min(room).max(0);
+        grant.leased_total = others.saturating_add(grant.granted);
+        sqlx::query(
+            "INSERT INTO budget_leases (budget_id, bucket_start, sidecar_id, granted, seq, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (budget_id, bucket_start, sidecar_id) DO UPDATE SET granted = excluded.granted, \
+             seq = excluded.seq, updated_at = excluded.updated_at",
+        )
+        .bind(want.budget_id.clone())
+        .bind(want.bucket_start)
+        .bind(sidecar.id.clone())
+        .bind(grant.granted)
+        .bind(seq)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM budget_leases WHERE budget_id = $1 AND sidecar_id = $2 AND bucket_start < $3",
+        )
+        .bind(want.budget_id.clone())
+        .bind(sidecar.id.clone())
+        .bind(want.bucket_start)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(grant)
+    }
+
+    /// The allowances held of a budget, newest bucket first, then by sidecar.
+    pub async fn list_budget_leases(&self, budget_id: &str) -> Result<Vec<BudgetLease>, DbError> {
+        sqlx::query("SELECT id FROM budgets WHERE id = $1")
+            .bind(budget_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NotFound("budget"))?;
+        let rows = sqlx::query(
+            "SELECT budget_id, bucket_start, sidecar_id, granted, seq, updated_at FROM budget_leases \
+             WHERE budget_id = $1 ORDER BY bucket_start DESC, sidecar_id",
+        )
+        .bind(budget_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BudgetLease {
+                    budget_id: r.try_get("budget_id")?,
+                    bucket_start: r.try_get("bucket_start")?,
+                    sidecar_id: r.try_get("sidecar_id")?,
+                    granted: r.try_get("granted")?,
+                    seq: r.try_get("seq")?,
+                    updated_at: r.try_get("updated_at")?,
                 })
             })
             .collect()
@@ -1512,7 +2060,10 @@ impl ControlDb {
 }
 
 const INTENT_COLUMNS: &str = "id, org_id, project_id, agent_id, status, amount, currency, merchant_name, merchant_domain, \
-     merchant_country, description, decision_id, reasons, created_at, updated_at";
+     merchant_country, description, decision_id, reasons, created_at, updated_at, version, reserved, sidecar_id, \
+     sidecar_status, status_reason";
+const BUDGET_COLUMNS: &str =
+    "b.id, b.scope, b.scope_id, b.period, b.currency, b.limit_amount, b.created_at, b.updated_at";
 const DECISION_COLUMNS: &str = "id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, actor_id, note, \
      policy_revision, created_at";
 
@@ -1525,6 +2076,72 @@ fn ledger_where(filter: &LedgerFilter, status_column: &str) -> Where {
     w.cmp_int("created_at", ">=", filter.created_from);
     w.cmp_int("created_at", "<", filter.created_to);
     w
+}
+
+/// Intent statuses a sidecar may report.
+const SIDECAR_STATUSES: &[&str] = &[
+    "issuing",
+    "approved",
+    "declined",
+    "pending_approval",
+    "failed",
+    "canceled",
+    "expired",
+];
+
+/// The audit action of an event: its own when well-formed, else `intent.event`.
+fn audit_action(action: &str) -> String {
+    let ok = action.starts_with("intent.")
+        && action.len() <= 64
+        && action
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_');
+    if ok {
+        action.to_string()
+    } else {
+        "intent.event".to_string()
+    }
+}
+
+/// Checks what the ledger needs of an event (the sidecar is trusted with the rest).
+fn check_event(e: &SyncEvent) -> Result<(), String> {
+    let i = &e.intent;
+    let text_ok =
+        |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.contains(char::is_control);
+    if !text_ok(&e.id, 200) {
+        return Err("the event id must be 1 to 200 printable characters".into());
+    }
+    if !text_ok(&i.id, 128) || !text_ok(&i.agent_id, 128) || !text_ok(&i.decision.id, 128) {
+        return Err("intent, agent and decision ids must be 1 to 128 printable characters".into());
+    }
+    if audit_action(&e.action) != e.action {
+        return Err(format!("unknown action {:?}", e.action));
+    }
+    if !SIDECAR_STATUSES.contains(&i.status.as_str()) {
+        return Err(format!("unknown intent status {:?}", i.status));
+    }
+    if !["approved", "declined", "pending_approval"].contains(&i.decision.outcome.as_str()) {
+        return Err(format!("unknown decision outcome {:?}", i.decision.outcome));
+    }
+    if i.version < 1 {
+        return Err("the intent version must be at least 1".into());
+    }
+    if i.amount < 0 || i.reserved < 0 {
+        return Err("amounts must not be negative".into());
+    }
+    if i.currency.len() != 3 || !i.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err("the currency must be an upper-case ISO 4217 code".into());
+    }
+    if let Some(card) = &i.card
+        && !text_ok(&card.stripe_card_id, 128)
+    {
+        return Err("the card id must be 1 to 128 printable characters".into());
+    }
+    // PostgreSQL TEXT cannot hold NUL: refuse it here rather than fail the whole batch.
+    if serde_json::to_string(e).is_ok_and(|json| json.contains("\\u0000")) {
+        return Err("text fields must not contain NUL characters".into());
+    }
+    Ok(())
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DbError> {
@@ -1597,6 +2214,17 @@ fn budget_from_row(r: &AnyRow) -> Result<Budget, DbError> {
     })
 }
 
+fn bundle_budget_from_row(r: &AnyRow) -> Result<BundleBudget, DbError> {
+    Ok(BundleBudget {
+        id: r.try_get("id")?,
+        scope: r.try_get("scope")?,
+        scope_id: r.try_get("scope_id")?,
+        period: r.try_get("period")?,
+        currency: r.try_get("currency")?,
+        limit: r.try_get("limit_amount")?,
+    })
+}
+
 fn intent_from_row(r: &AnyRow) -> Result<Intent, DbError> {
     Ok(Intent {
         id: r.try_get("id")?,
@@ -1614,6 +2242,11 @@ fn intent_from_row(r: &AnyRow) -> Result<Intent, DbError> {
         reasons: parse_json(&r.try_get::<String, _>("reasons")?)?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        version: r.try_get("version")?,
+        reserved: r.try_get("reserved")?,
+        sidecar_id: r.try_get("sidecar_id")?,
+        sidecar_status: r.try_get("sidecar_status")?,
+        status_reason: r.try_get("status_reason")?,
     })
 }
 

@@ -1,8 +1,9 @@
 //! The control plane (`roony control-plane`): organizations, projects, agents, versioned
 //! policies, budgets, approvals and the ledger, in SQLite or PostgreSQL (`db`), behind the
-//! admin API (`api`). `sync` serves sidecars their project's signed policy bundle (issue 4,
-//! item 4; wire types in `crate::sync::wire`); the ledger outbox and budget leases are later
-//! steps (items 5 and 6).
+//! admin API (`api`). `sync` is its side of sync (wire types in `crate::sync::wire`): it
+//! serves sidecars their project's signed bundle (policies, budgets, administrators'
+//! approvals), applies their outboxes to the ledger and grants allowances (leases) of
+//! shared budgets.
 
 pub mod api;
 pub mod db;

@@ -140,6 +140,20 @@ pub struct Intent {
     pub reasons: Vec<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The sidecar's version of the intent last applied from its events (0 if none was).
+    pub version: i64,
+    /// Minor units the sidecar holds against budgets for it (0 once released).
+    pub reserved: i64,
+    /// The sidecar that reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_id: Option<String>,
+    /// The status the sidecar last reported (`status` may already hold an administrator's
+    /// decision the sidecar has not acted on yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_status: Option<String>,
+    /// Reason code of the last status change at the sidecar (e.g. `card_issuance_failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
 }
 
 /// An intent to record in the ledger (as a sidecar decided it).
@@ -181,6 +195,21 @@ pub struct Decision {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_revision: Option<i64>,
     pub created_at: i64,
+}
+
+/// A sidecar's allowance of a shared budget for one period bucket (see
+/// `crate::sync::wire::LeaseRequest`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BudgetLease {
+    pub budget_id: String,
+    /// Unix seconds of the bucket's start (UTC); 0 for `all_time`.
+    pub bucket_start: i64,
+    pub sidecar_id: String,
+    /// Minor units.
+    pub granted: i64,
+    /// The sidecar's lease request sequence number that set it.
+    pub seq: i64,
+    pub updated_at: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

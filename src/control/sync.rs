@@ -1,6 +1,11 @@
-//! The control plane's side of sync: `GET /api/sync/v1/bundle`, the long-poll that serves
-//! each sidecar the signed policy bundle of its project (see `crate::sync::wire` and
-//! docs/design.md, "Sync protocol").
+//! The control plane's side of sync (see `crate::sync::wire` and docs/design.md, "Sync
+//! protocol"), authenticated with sidecar tokens:
+//!
+//! - `GET /api/sync/v1/bundle`: the long-poll that serves each sidecar the signed bundle of
+//!   its project (agents, keys, policies, budgets, administrators' approvals);
+//! - `POST /api/sync/v1/events`: a sidecar's outbox, applied to the ledger
+//!   (`ControlDb::apply_events`);
+//! - `POST /api/sync/v1/leases`: allowances of shared budgets (`ControlDb::grant_lease`).
 //!
 //! A change is noticed in two ways: this process's own writes wake waiting requests at once
 //! (`ControlDb::subscribe_changes`), and the configuration revision is re-read every
@@ -9,14 +14,17 @@
 
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::api::{AdminError, AdminState};
-use crate::sync::wire::{self, Bundle};
+use super::db::SidecarAuth;
+use crate::sync::wire::{self, Bundle, EventAck, EventBatch, LeaseRequest, LeaseResponse};
 
 /// How often a waiting request re-reads the configuration revision.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -28,8 +36,143 @@ pub struct BundleParams {
     pub wait: Option<u64>,
 }
 
+/// Largest body of an events or leases request: room for [`wire::MAX_EVENTS_PER_BATCH`]
+/// events of up to 4 KiB each.
+pub const MAX_SYNC_BODY_BYTES: usize = wire::MAX_EVENTS_PER_BATCH * 4 * 1024;
+
 fn unauthorized(code: &str, message: &str) -> AdminError {
     AdminError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+fn bad_request(code: &str, message: impl Into<String>) -> AdminError {
+    AdminError::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+/// The sidecar a request's `Authorization: Bearer <sidecar token>` names, and the token:
+/// missing → `401 missing_sidecar_token`; unknown, wrong or revoked → `401
+/// invalid_sidecar_token`.
+async fn authenticate<'h>(
+    state: &AdminState,
+    headers: &'h HeaderMap,
+) -> Result<(SidecarAuth, &'h str), AdminError> {
+    let Some(token) = crate::api::bearer(headers).filter(|t| !t.is_empty()) else {
+        return Err(unauthorized(
+            "missing_sidecar_token",
+            "send the sidecar token as Authorization: Bearer <token>",
+        ));
+    };
+    match state.db.find_sidecar(&crate::auth::key_id(token)).await? {
+        Some(s) if !s.revoked && crate::auth::verify(token, &s.token_hash) => Ok((s, token)),
+        _ => Err(unauthorized(
+            "invalid_sidecar_token",
+            "the sidecar token is not valid",
+        )),
+    }
+}
+
+/// Parses a sync request body: `400 invalid_json` (not JSON), `400 unsupported_format`
+/// (`format` is not [`wire::FORMAT`]), `422 invalid_body` (not the expected shape), `413
+/// body_too_large`.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, AdminError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AdminError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than {MAX_SYNC_BODY_BYTES} bytes"),
+            )
+        } else {
+            bad_request("invalid_body", "the body could not be read")
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad_request("invalid_json", format!("the body is not valid json: {e}")))?;
+    let format = value.get("format").cloned().unwrap_or_default();
+    if format.as_u64() != Some(u64::from(wire::FORMAT)) {
+        return Err(bad_request(
+            "unsupported_format",
+            format!(
+                "format {format} is not supported (expected {})",
+                wire::FORMAT
+            ),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        AdminError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("the body does not match the schema: {e}"),
+        )
+    })
+}
+
+/// `POST /api/sync/v1/events`: a batch of a sidecar's outbox, applied in one transaction;
+/// the answer settles every event of the batch (see `ControlDb::apply_events`).
+pub async fn events(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<EventAck>, AdminError> {
+    let (sidecar, _) = authenticate(&state, &headers).await?;
+    let batch: EventBatch = parse_body(body)?;
+    if batch.events.len() > wire::MAX_EVENTS_PER_BATCH {
+        return Err(AdminError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("at most {} events per batch", wire::MAX_EVENTS_PER_BATCH),
+        ));
+    }
+    let ack = state
+        .db
+        .apply_events(&sidecar, &batch.events, super::unix_now())
+        .await?;
+    tracing::debug!(
+        sidecar = %sidecar.id,
+        accepted = ack.accepted,
+        duplicates = ack.duplicates,
+        rejected = ack.rejected.len(),
+        "applied events"
+    );
+    Ok(Json(ack))
+}
+
+/// `POST /api/sync/v1/leases`: the allowances of shared budgets a sidecar wants to hold;
+/// each is granted in its own transaction (see `ControlDb::grant_lease`).
+pub async fn leases(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaseResponse>, AdminError> {
+    let (sidecar, _) = authenticate(&state, &headers).await?;
+    let req: LeaseRequest = parse_body(body)?;
+    if req.leases.len() > wire::MAX_LEASES_PER_REQUEST {
+        return Err(bad_request(
+            "too_many_leases",
+            format!(
+                "at most {} leases per request",
+                wire::MAX_LEASES_PER_REQUEST
+            ),
+        ));
+    }
+    for want in &req.leases {
+        if want.want < 0 {
+            return Err(bad_request("invalid_want", "want must not be negative"));
+        }
+        if want.budget_id.is_empty() || want.budget_id.len() > 128 {
+            return Err(bad_request(
+                "invalid_budget_id",
+                "budget_id must be 1 to 128 characters",
+            ));
+        }
+    }
+    let now = super::unix_now();
+    let mut grants = Vec::with_capacity(req.leases.len());
+    for want in &req.leases {
+        grants.push(state.db.grant_lease(&sidecar, req.seq, want, now).await?);
+    }
+    Ok(Json(LeaseResponse { leases: grants }))
 }
 
 /// `GET /api/sync/v1/bundle`.
@@ -38,21 +181,7 @@ pub async fn bundle(
     headers: HeaderMap,
     q: Result<Query<BundleParams>, QueryRejection>,
 ) -> Result<Response, AdminError> {
-    let Some(token) = crate::api::bearer(&headers).filter(|t| !t.is_empty()) else {
-        return Err(unauthorized(
-            "missing_sidecar_token",
-            "send the sidecar token as Authorization: Bearer <token>",
-        ));
-    };
-    let sidecar = match state.db.find_sidecar(&crate::auth::key_id(token)).await? {
-        Some(s) if !s.revoked && crate::auth::verify(token, &s.token_hash) => s,
-        _ => {
-            return Err(unauthorized(
-                "invalid_sidecar_token",
-                "the sidecar token is not valid",
-            ));
-        }
-    };
+    let (sidecar, token) = authenticate(&state, &headers).await?;
     let Query(params) =
         q.map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let wait = Duration::from_secs(params.wait.unwrap_or(0).min(wire::MAX_WAIT_SECONDS));
@@ -74,6 +203,8 @@ pub async fn bundle(
         // Revision first, content second: the content is at least as new as the revision.
         let revision = state.db.config_revision().await?;
         let agents = state.db.bundle_agents(&sidecar.project_id).await?;
+        let budgets = state.db.bundle_budgets(&sidecar.project_id).await?;
+        let approvals = state.db.bundle_approvals(&sidecar.project_id).await?;
         let mut bundle = Bundle {
             format: wire::FORMAT,
             revision,
@@ -81,8 +212,8 @@ pub async fn bundle(
             generated_at: super::unix_now(),
             project_id: sidecar.project_id.clone(),
             agents,
-            budgets: Vec::new(),
-            approvals: Vec::new(),
+            budgets,
+            approvals,
             signature: String::new(),
         };
         let etag = wire::content_etag(&bundle);
@@ -114,6 +245,8 @@ pub async fn bundle(
                 break;
             }
         }
+        // Something changed: a token revoked meanwhile ends the wait with 401.
+        authenticate(&state, &headers).await?;
     }
 }
 

@@ -502,8 +502,8 @@ fn admin_decisions() {
             T0 + 5,
         )
         .unwrap();
-    assert_eq!(moved, [p1.id.clone()]);
-    assert_eq!(s.take_approved(), [p1.id.clone()]);
+    assert_eq!(moved, vec![p1.id.clone()]);
+    assert_eq!(s.take_approved(), vec![p1.id.clone()]);
     let r1 = s.intent(&p1.id).unwrap().unwrap();
     assert_eq!(r1.status, IntentStatus::Issuing);
     assert_eq!(

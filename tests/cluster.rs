@@ -69,7 +69,7 @@ fn sidecar_with(
             .arg(emulator)
             .args(["--control-plane-url", control])
             .env("ROONY_SIDECAR_TOKEN", token)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,roony=debug")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -588,7 +588,8 @@ async fn partition_stop_and_restart_the_control_plane() {
     for (status, body) in &during {
         assert!(
             *status == 201 || (*status == 402 && codes(body) == ["control_plane_unreachable"]),
-            "unexpected while partitioned: {status} {body}"
+            "unexpected while partitioned: {status} {body}\nsidecar log:\n{}",
+            std::fs::read_to_string(&sc.log).unwrap_or_default()
         );
     }
     // Without the control plane, approvals stay within the allowance the sidecar held.

@@ -318,7 +318,7 @@ impl Service {
                 // Counted as demand until decided, so that concurrent purchases grow the
                 // allowance for all of them at once.
                 demand = Some(upstream.demand(&needs));
-                if upstream.short(&needs) {
+                if upstream.short(&self.inner.store, &needs) {
                     options.unreachable_budgets = upstream.grow(&self.inner.store, needs).await;
                 }
             }

@@ -141,12 +141,23 @@ impl Upstream {
     }
 
     /// True when some budget's allowance is below what is reserved plus what purchases
-    /// being decided need (this one included, see [`Upstream::demand`]).
-    pub fn short(&self, needs: &[LeaseNeed]) -> bool {
-        needs.iter().any(|n| {
-            n.used
-                .saturating_add(self.pending(&n.budget_id, n.bucket_start).max(n.need))
-                > n.lease
+    /// being decided need (this one included, see [`Upstream::demand`]). Demand is read
+    /// before the store: a purchase drops its demand only after its reservation is
+    /// committed, so it is counted at least once, never missed.
+    pub fn short(&self, store: &Store, needs: &[LeaseNeed]) -> bool {
+        let pending: Vec<i64> = needs
+            .iter()
+            .map(|n| self.pending(&n.budget_id, n.bucket_start).max(n.need))
+            .collect();
+        let Ok(current) = store.leases() else {
+            return true;
+        };
+        needs.iter().zip(pending).any(|(n, pending)| {
+            let (lease, used) = current
+                .iter()
+                .find(|l| l.budget_id == n.budget_id && l.bucket_start == n.bucket_start)
+                .map_or((0, n.used), |l| (l.lease, l.used));
+            used.saturating_add(pending) > lease
         })
     }
 
@@ -228,7 +239,12 @@ impl Upstream {
     /// needed is not an error (the decision then declines with `exceeds_budget`).
     pub async fn grow(&self, store: &Store, needs: Vec<LeaseNeed>) -> Vec<String> {
         let mut seq_guard = self.lease_lock.lock().await;
-        // Another purchase may have grown these leases while this one waited.
+        // Another purchase may have grown these leases while this one waited. Demand first,
+        // then the store (see `short`).
+        let pending: Vec<i64> = needs
+            .iter()
+            .map(|n| self.pending(&n.budget_id, n.bucket_start).max(n.need))
+            .collect();
         let current = match store.leases() {
             Ok(l) => l,
             Err(e) => {
@@ -237,12 +253,11 @@ impl Upstream {
             }
         };
         let mut wants = Vec::new();
-        for n in needs {
+        for (n, pending) in needs.into_iter().zip(pending) {
             let (lease, used) = current
                 .iter()
                 .find(|l| l.budget_id == n.budget_id && l.bucket_start == n.bucket_start)
-                .map_or((0, 0), |l| (l.lease, l.used));
-            let pending = self.pending(&n.budget_id, n.bucket_start).max(n.need);
+                .map_or((0, n.used), |l| (l.lease, l.used));
             let required = used.saturating_add(pending);
             if required <= lease {
                 continue;

@@ -182,6 +182,7 @@ async fn interrupted_issuance_is_recovered_without_a_second_card() {
             .await
             .unwrap();
         let spec = roony::issuer::CardSpec {
+            metadata: Default::default(),
             intent_id: b.id.clone(),
             agent_id: "agt_test".into(),
             cardholder: holder,

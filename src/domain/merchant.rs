@@ -111,6 +111,152 @@ pub fn normalize_name(name: &str) -> String {
     words.join(" ")
 }
 
+/// Why a card descriptor was (or was not) taken to be the intent's merchant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatchBasis {
+    /// The authorization's merchant URL is the intent's domain (or a subdomain of it).
+    Domain,
+    /// The descriptor contains the merchant's name (or its domain's name), spaces ignored.
+    Name,
+    /// The descriptor is a truncation of the merchant's name (at least 6 characters).
+    Prefix,
+    /// Most of the merchant's name words appear in the descriptor.
+    Words,
+    /// Nothing matched.
+    None,
+}
+
+impl MatchBasis {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MatchBasis::Domain => "domain",
+            MatchBasis::Name => "name",
+            MatchBasis::Prefix => "prefix",
+            MatchBasis::Words => "words",
+            MatchBasis::None => "none",
+        }
+    }
+}
+
+/// The result of matching a card descriptor against an intent's merchant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MerchantMatch {
+    pub matched: bool,
+    pub basis: MatchBasis,
+    /// 0–100: how much of the merchant's name the descriptor carries.
+    pub score: u8,
+    /// The descriptor as compared (normalized, facilitator prefix removed).
+    pub descriptor: String,
+}
+
+/// Payment-facilitator prefixes that precede the merchant in card descriptors
+/// ("SQ *BLUE BOTTLE", "PAYPAL *NAMECHEAP").
+const FACILITATOR_PREFIXES: &[&str] = &[
+    "sq", "tst", "sp", "paypal", "pp", "pypl", "gglpay", "wpy", "ppl", "fs", "py",
+];
+
+fn alnum_lower(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Normalizes a card descriptor: drops a facilitator prefix before `*`, then like
+/// [`normalize_name`] (also dropping a trailing top-level domain, ".com").
+pub fn normalize_descriptor(descriptor: &str) -> String {
+    let mut d = descriptor.trim();
+    if let Some((head, tail)) = d.split_once('*') {
+        let head_norm = alnum_lower(head);
+        if head_norm.is_empty() || FACILITATOR_PREFIXES.contains(&head_norm.as_str()) {
+            d = tail;
+        } else {
+            // "NAMECHEAP*ORDER 123": the merchant is before the star.
+            d = head;
+        }
+    }
+    let mut name = normalize_name(d);
+    for tld in [" com", " net", " org", " io", " co"] {
+        if let Some(stripped) = name.strip_suffix(tld) {
+            name = stripped.to_string();
+            break;
+        }
+    }
+    name
+}
+
+/// The name part of a registrable domain: "shop.namecheap.com" → "namecheap".
+fn domain_label(domain: &str) -> Option<&str> {
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return None;
+    }
+    // "example.co.uk": skip a short second-level label before a country code.
+    let n = labels.len();
+    let label = if n >= 3 && labels[n - 1].len() == 2 && labels[n - 2].len() <= 3 {
+        labels[n - 3]
+    } else {
+        labels[n - 2]
+    };
+    Some(label)
+}
+
+/// Matches an authorization's merchant (descriptor `name`, optional `url`) against an
+/// intent's merchant (`intent_name` as given, optional normalized `intent_domain`).
+/// Deterministic and explainable: the basis says which rule matched.
+pub fn match_descriptor(
+    name: &str,
+    url: Option<&str>,
+    intent_name: &str,
+    intent_domain: Option<&str>,
+) -> MerchantMatch {
+    let descriptor = normalize_descriptor(name);
+    let found = |basis, score| MerchantMatch {
+        matched: basis != MatchBasis::None,
+        basis,
+        score,
+        descriptor: descriptor.clone(),
+    };
+    if let (Some(host), Some(domain)) = (url.and_then(normalize_domain), intent_domain)
+        && domain_matches(&host, domain)
+    {
+        return found(MatchBasis::Domain, 100);
+    }
+    let d = alnum_lower(&descriptor);
+    let intent = normalize_name(intent_name);
+    let mut keys: Vec<String> = vec![alnum_lower(&intent)];
+    if let Some(label) = intent_domain.and_then(domain_label) {
+        keys.push(alnum_lower(label));
+    }
+    keys.retain(|k| k.chars().count() >= 3);
+    if d.is_empty() {
+        return found(MatchBasis::None, 0);
+    }
+    for key in &keys {
+        if d.contains(key.as_str()) {
+            return found(MatchBasis::Name, 100);
+        }
+    }
+    // Descriptors are cut to a few characters: "NAMECHEA" for "Namecheap".
+    for key in &keys {
+        if d.chars().count() >= 6 && key.starts_with(d.as_str()) {
+            let score = (d.chars().count() * 100 / key.chars().count().max(1)).min(99);
+            return found(MatchBasis::Prefix, u8::try_from(score).unwrap_or(99));
+        }
+    }
+    let words: Vec<&str> = intent.split_whitespace().filter(|w| w.len() >= 3).collect();
+    let dwords: Vec<&str> = descriptor.split_whitespace().collect();
+    if !words.is_empty() {
+        let hits = words.iter().filter(|w| dwords.contains(w)).count();
+        let score = u8::try_from(hits * 100 / words.len()).unwrap_or(0);
+        if hits * 2 >= words.len() && hits > 0 {
+            return found(MatchBasis::Words, score);
+        }
+        return found(MatchBasis::None, score);
+    }
+    found(MatchBasis::None, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +304,77 @@ mod tests {
         assert_eq!(normalize_name("  acme   casino "), "acme casino");
         assert_eq!(normalize_name("Co"), "co");
         assert_eq!(normalize_name("Müller GmbH"), "müller");
+    }
+
+    #[test]
+    fn descriptors_match_their_merchant() {
+        let m = |name: &str, url: Option<&str>, intent: &str, domain: Option<&str>| {
+            let r = match_descriptor(name, url, intent, domain);
+            (r.matched, r.basis.as_str())
+        };
+        let nc = Some("namecheap.com");
+        assert_eq!(m("NAMECHEAP.COM", None, "Namecheap", nc), (true, "name"));
+        assert_eq!(
+            m("PAYPAL *NAMECHEAP", None, "Namecheap", nc),
+            (true, "name")
+        );
+        assert_eq!(
+            m("NAMECHEAP*ORDER 8812", None, "Namecheap", nc),
+            (true, "name")
+        );
+        assert_eq!(m("NAMECHE", None, "Namecheap Inc.", None), (true, "prefix"));
+        assert_eq!(
+            m(
+                "Checkout",
+                Some("https://pay.namecheap.com/x"),
+                "Namecheap",
+                nc
+            ),
+            (true, "domain")
+        );
+        assert_eq!(
+            m("SQ *BLUE BOTTLE COFFEE", None, "Blue Bottle", None),
+            (true, "name")
+        );
+        assert_eq!(
+            m("ROCKET RIDES SF", None, "Rocket Rides", None),
+            (true, "name")
+        );
+        assert_eq!(
+            m("BOTTLE SHOP", None, "Blue Bottle Coffee", None),
+            (false, "none")
+        );
+        assert_eq!(m("AMZN MKTP US", None, "Namecheap", nc), (false, "none"));
+        assert_eq!(m("GIFTCARDS4U", None, "Namecheap", nc), (false, "none"));
+        assert_eq!(
+            m(
+                "Checkout",
+                Some("https://namecheap.com.evil.io"),
+                "Namecheap",
+                nc
+            ),
+            (false, "none")
+        );
+        assert_eq!(m("", None, "Namecheap", nc), (false, "none"));
+        assert_eq!(
+            m(
+                "GOOGLE *CLOUD",
+                None,
+                "Google Cloud Platform",
+                Some("cloud.google.com")
+            ),
+            (true, "name")
+        );
+        assert_eq!(
+            m(
+                "CLOUD PLATFORM SERVICES",
+                None,
+                "Google Cloud Platform",
+                None
+            ),
+            (true, "words")
+        );
+        assert_eq!(normalize_descriptor("SQ *Blue Bottle, Inc."), "blue bottle");
+        assert_eq!(normalize_descriptor("NAMECHEAP.COM"), "namecheap");
     }
 }

@@ -119,6 +119,9 @@ pub struct CardSpec {
     pub allowed_countries: Vec<String>,
     pub blocked_countries: Vec<String>,
     pub idempotency_key: String,
+    /// More metadata for the card (the signed intent a synced sidecar attaches); Roony's own
+    /// `roony_intent_id` and `roony_agent_id` are always set.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// A card number and CVC. Lives in memory only; never logged (its `Debug` is redacted) and
@@ -353,10 +356,13 @@ impl Issuer {
         } else if !spec.blocked_countries.is_empty() {
             controls.blocked_merchant_countries = Some(spec.blocked_countries.clone());
         }
-        let metadata = HashMap::from([
-            ("roony_intent_id".to_string(), spec.intent_id.clone()),
-            ("roony_agent_id".to_string(), spec.agent_id.clone()),
-        ]);
+        let mut metadata: HashMap<String, String> = spec
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        metadata.insert("roony_intent_id".to_string(), spec.intent_id.clone());
+        metadata.insert("roony_agent_id".to_string(), spec.agent_id.clone());
         let currency = stripe_types::Currency::from_str(&spec.currency.stripe_code())
             .unwrap_or_else(|never| match never {});
         let card: IssuingCard = self

@@ -3,6 +3,7 @@
 //! Invariants: no I/O, no clock reads (time is passed in), no allocation beyond the decision
 //! it returns, deny by default. Every decision carries at least one stable reason code.
 
+pub mod authorization;
 mod decision;
 mod rules;
 

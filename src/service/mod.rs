@@ -487,11 +487,50 @@ impl Service {
             allowed_countries,
             blocked_countries,
             idempotency_key: rec.stripe_idempotency_key.clone(),
+            metadata: self.card_metadata(rec),
         };
         if spec.spending_limit <= 0 {
             return Err(IssuerError::Config("nothing reserved".into()));
         }
         self.inner.issuer.create_card(&spec).await
+    }
+
+    /// What a synced sidecar's card says about its purchase, signed with the sidecar's key,
+    /// so the control plane can decide the card's authorizations even before the intent
+    /// reaches it through the outbox. Empty for a standalone sidecar.
+    fn card_metadata(&self, rec: &IntentRecord) -> std::collections::BTreeMap<String, String> {
+        let Some(upstream) = self.inner.upstream.get() else {
+            return Default::default();
+        };
+        let m = &rec.request.merchant;
+        let clip = |s: &str| s.chars().take(200).collect::<String>();
+        let mut md = std::collections::BTreeMap::from([
+            ("roony_intent_id".to_string(), rec.id.clone()),
+            ("roony_agent_id".to_string(), rec.agent_id.clone()),
+            (
+                "roony_limit".to_string(),
+                rec.reservation.as_ref().map_or(0, |r| r.amount).to_string(),
+            ),
+            (
+                "roony_currency".to_string(),
+                rec.request.amount.currency.code().to_string(),
+            ),
+            ("roony_merchant".to_string(), clip(&m.name)),
+        ]);
+        if let Some(d) = &m.domain {
+            md.insert("roony_domain".to_string(), clip(d));
+        }
+        if let Some(c) = &m.country {
+            md.insert("roony_country".to_string(), c.clone());
+        }
+        if let Some(c) = &m.category {
+            md.insert("roony_category".to_string(), c.clone());
+        }
+        if let Some(at) = rec.expires_at {
+            md.insert("roony_expires".to_string(), at.to_string());
+        }
+        upstream.sign_card_metadata(&mut md);
+        md
     }
 
     fn owned_intent(&self, agent: &AgentIdentity, id: &str) -> Result<IntentRecord, ServiceError> {

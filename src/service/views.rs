@@ -69,6 +69,8 @@ pub enum StatusView {
     Failed,
     Canceled,
     Expired,
+    /// The card was charged and is closed; `settlement.spent` is final.
+    Settled,
 }
 
 impl From<IntentStatus> for StatusView {
@@ -81,6 +83,7 @@ impl From<IntentStatus> for StatusView {
             IntentStatus::Failed => StatusView::Failed,
             IntentStatus::Canceled => StatusView::Canceled,
             IntentStatus::Expired => StatusView::Expired,
+            IntentStatus::Settled => StatusView::Settled,
         }
     }
 }
@@ -113,6 +116,47 @@ pub struct IntentView {
     pub expires_at: Option<UnixSeconds>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What merchants did with the card, once anything did: every authorization with
+    /// Roony's decision, and the money captured and refunded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<SettlementView>,
+}
+
+/// The card's activity at Stripe.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
+pub struct SettlementView {
+    pub authorizations: Vec<AuthorizationView>,
+    /// Captured, minor units.
+    pub captured: i64,
+    /// Refunded, minor units.
+    pub refunded: i64,
+    /// Approved but not yet captured, minor units.
+    pub pending: i64,
+    /// Captured net of refunds, minor units: what the purchase cost.
+    pub spent: i64,
+    /// The card is closed: `spent` is final and the rest of the reservation was released.
+    pub closed: bool,
+    /// Problems found (e.g. `over_capture`), if any.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub discrepancies: Vec<String>,
+}
+
+/// One authorization (a merchant's charge attempt) on the card.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
+pub struct AuthorizationView {
+    /// Stripe authorization id (`iauth_…`).
+    pub id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub approved: bool,
+    /// `pending`, `closed`, `reversed` or `expired`.
+    pub status: String,
+    pub merchant_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_country: Option<String>,
+    /// Why it was approved or declined (e.g. `matches_intent`, `merchant_mismatch`).
+    pub reasons: Vec<String>,
+    pub created: UnixSeconds,
 }
 
 impl IntentView {
@@ -153,6 +197,29 @@ impl IntentView {
             created: rec.created,
             expires_at: rec.expires_at,
             idempotency_key: rec.request.idempotency_key.clone(),
+            settlement: rec.settlement.as_ref().map(|s| SettlementView {
+                authorizations: s
+                    .authorizations
+                    .iter()
+                    .map(|a| AuthorizationView {
+                        id: a.id.clone(),
+                        amount: a.amount,
+                        currency: a.currency.clone(),
+                        approved: a.approved,
+                        status: a.status.clone(),
+                        merchant_name: a.merchant_name.clone(),
+                        merchant_country: a.merchant_country.clone(),
+                        reasons: a.reasons.clone(),
+                        created: a.created_at,
+                    })
+                    .collect(),
+                captured: s.captured,
+                refunded: s.refunded,
+                pending: s.pending,
+                spent: s.captured.saturating_sub(s.refunded).max(0),
+                closed: s.closed,
+                discrepancies: s.discrepancies.clone(),
+            }),
         }
     }
 }

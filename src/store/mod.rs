@@ -548,7 +548,7 @@ impl Store {
             Outcome::PendingApproval => IntentStatus::PendingApproval,
             Outcome::Declined => IntentStatus::Declined,
         };
-        let reservation = (decision.reserve > 0).then(|| Reservation {
+        let reservation: Option<Reservation> = (decision.reserve > 0).then(|| Reservation {
             amount: decision.reserve,
             currency: intent.amount.currency,
             buckets: Period::ALL
@@ -556,6 +556,10 @@ impl Store {
                 .map(|p| (*p, p.bucket_start(now)))
                 .collect(),
             shared: shared_keys,
+        });
+        let hold_buckets = reservation.as_ref().map(|r| Reservation {
+            amount: 0,
+            ..r.clone()
         });
         let expires_at = compiled.and_then(|p| match status {
             IntentStatus::Issuing => Some(now + i64::from(p.card_ttl_seconds)),
@@ -583,6 +587,8 @@ impl Store {
             status_reason: None,
             issuance_attempts: attempts,
             version,
+            hold_buckets,
+            settlement: retry_of.as_ref().and_then(|r| r.settlement.clone()),
             request: intent,
         };
 
@@ -873,6 +879,104 @@ impl Store {
         let tx = self.db.begin_read()?;
         use redb::ReadableTableMetadata;
         Ok(tx.open_table(OUTBOX)?.len()?)
+    }
+
+    // ---- settlement (updates from the control plane) -----------------------------------
+
+    /// Applies what the control plane reports about intents' cards (newest state per
+    /// intent; older or repeated updates change nothing), then remembers `next_after`.
+    /// Money that moved on a card counts against the intent's budgets: while the card is
+    /// open, at least its whole reservation; once closed, exactly what was captured net of
+    /// refunds, the rest released. A charged, closed card makes its intent `settled`.
+    /// Returns how many intents changed.
+    pub fn apply_intent_updates(
+        &self,
+        updates: &[wire::IntentUpdate],
+        next_after: i64,
+        now: UnixSeconds,
+    ) -> Result<usize, StoreError> {
+        let mut changed = 0;
+        for u in updates {
+            let Some(rec) = self.intent(&u.intent_id)? else {
+                continue;
+            };
+            if rec.agent_id != u.agent_id || rec.settlement.as_ref().is_some_and(|s| s.seq >= u.seq)
+            {
+                continue;
+            }
+            let settlement = SettlementRecord {
+                seq: u.seq,
+                card_status: u.card_status.clone(),
+                authorizations: u
+                    .authorizations
+                    .iter()
+                    .map(|a| AuthorizationRecord {
+                        id: a.id.clone(),
+                        amount: a.amount,
+                        currency: a.currency.clone(),
+                        approved: a.approved,
+                        status: a.status.clone(),
+                        merchant_name: a.merchant_name.clone(),
+                        merchant_country: a.merchant_country.clone(),
+                        merchant_category: a.merchant_category.clone(),
+                        reasons: a.reasons.clone(),
+                        created_at: a.created_at,
+                    })
+                    .collect(),
+                captured: u.captured,
+                refunded: u.refunded,
+                pending: u.pending,
+                closed: u.closed,
+                discrepancies: u.discrepancies.clone(),
+            };
+            let action = if u.closed && rec.status == IntentStatus::Approved && u.captured > 0 {
+                "intent.settled"
+            } else {
+                "intent.card_activity"
+            };
+            self.update(&u.intent_id, action, now, |rec, tx| {
+                let moved = settlement.moved();
+                rec.settlement = Some(settlement);
+                let target = match rec.status {
+                    IntentStatus::Approved | IntentStatus::Issuing if !u.closed => {
+                        moved.max(rec.card.as_ref().map_or(0, |c| c.spending_limit))
+                    }
+                    IntentStatus::Approved if u.captured > 0 => {
+                        rec.status = IntentStatus::Settled;
+                        rec.updated = now;
+                        if let Some(at) = rec.expires_at {
+                            tx.open_table(TIMERS)?.remove((at, rec.id.as_str()))?;
+                        }
+                        moved
+                    }
+                    // Closed without a charge (canceled at Stripe): the expiry task ends it.
+                    IntentStatus::Approved | IntentStatus::Issuing => {
+                        rec.reservation.as_ref().map_or(0, |r| r.amount).max(moved)
+                    }
+                    _ => moved,
+                };
+                set_hold(tx, rec, target)
+            })?;
+            changed += 1;
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let after = next_after.to_string();
+            meta.insert("updates_after", after.as_str())?;
+        }
+        self.commit(tx, true)?;
+        Ok(changed)
+    }
+
+    /// Where the updates feed resumes (0: from the start).
+    pub fn updates_after(&self) -> Result<i64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta
+            .get("updates_after")?
+            .and_then(|v| v.value().parse().ok())
+            .unwrap_or(0))
     }
 
     // ---- administrators' decisions -----------------------------------------------------
@@ -1406,13 +1510,42 @@ fn add_usage(
     Ok(())
 }
 
+/// Ends an intent's hold: what it still counts against budgets becomes the money that moved
+/// on its card (0 when nothing did), and its expiry timer goes.
 fn release(tx: &redb::WriteTransaction, rec: &mut IntentRecord) -> Result<(), StoreError> {
-    if let Some(r) = rec.reservation.take() {
-        add_usage(tx, &rec.agent_id, &r, -r.amount)?;
-    }
+    let target = rec.settlement.as_ref().map_or(0, SettlementRecord::moved);
+    set_hold(tx, rec, target)?;
     if let Some(at) = rec.expires_at {
         tx.open_table(TIMERS)?.remove((at, rec.id.as_str()))?;
     }
+    Ok(())
+}
+
+/// Moves what an intent counts against its budgets (agent and shared buckets of its
+/// decision) to `target` minor units.
+fn set_hold(
+    tx: &redb::WriteTransaction,
+    rec: &mut IntentRecord,
+    target: i64,
+) -> Result<(), StoreError> {
+    let current = rec.reservation.as_ref().map_or(0, |r| r.amount);
+    if target == current {
+        return Ok(());
+    }
+    let Some(template) = rec.reservation.clone().or_else(|| rec.hold_buckets.clone()) else {
+        return Ok(());
+    };
+    add_usage(tx, &rec.agent_id, &template, target - current)?;
+    if rec.hold_buckets.is_none() {
+        rec.hold_buckets = Some(Reservation {
+            amount: 0,
+            ..template.clone()
+        });
+    }
+    rec.reservation = (target > 0).then_some(Reservation {
+        amount: target,
+        ..template
+    });
     Ok(())
 }
 

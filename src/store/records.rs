@@ -48,6 +48,8 @@ pub enum IntentStatus {
     Failed,
     Canceled,
     Expired,
+    /// The card was charged and is closed: the captured amount (net of refunds) is spent.
+    Settled,
 }
 
 impl IntentStatus {
@@ -60,6 +62,7 @@ impl IntentStatus {
             IntentStatus::Failed => "failed",
             IntentStatus::Canceled => "canceled",
             IntentStatus::Expired => "expired",
+            IntentStatus::Settled => "settled",
         }
     }
 }
@@ -170,4 +173,50 @@ pub struct IntentRecord {
     /// Increases with every change (1 at the decision); orders the sync events.
     #[serde(default)]
     pub version: u32,
+    /// The buckets the decision's reservation was counted in (kept after a release, so that
+    /// money moving later on the card is counted in the same buckets).
+    #[serde(default)]
+    pub hold_buckets: Option<Reservation>,
+    /// What happened on the card at Stripe, as the control plane reported it.
+    #[serde(default)]
+    pub settlement: Option<SettlementRecord>,
+}
+
+/// The money state of an intent's card at Stripe (from the control plane's updates feed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementRecord {
+    /// The feed sequence number this state came with (older updates are ignored).
+    pub seq: i64,
+    pub card_status: Option<String>,
+    pub authorizations: Vec<AuthorizationRecord>,
+    pub captured: i64,
+    pub refunded: i64,
+    pub pending: i64,
+    pub closed: bool,
+    pub discrepancies: Vec<String>,
+}
+
+impl SettlementRecord {
+    /// Money that moved on the card and still counts: pending authorizations plus captures,
+    /// net of refunds.
+    pub fn moved(&self) -> i64 {
+        self.pending
+            .saturating_add(self.captured)
+            .saturating_sub(self.refunded)
+            .max(0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizationRecord {
+    pub id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub approved: bool,
+    pub status: String,
+    pub merchant_name: String,
+    pub merchant_country: Option<String>,
+    pub merchant_category: Option<String>,
+    pub reasons: Vec<String>,
+    pub created_at: i64,
 }

@@ -340,6 +340,7 @@ pub fn start_with_upstream(
     Vec<tokio::task::JoinHandle<()>>,
 ) {
     store.enable_outbox();
+    let config_for_updates = config.clone();
     let restored = restore(&store, &config);
     let etag = match &restored {
         Ok(Some(b)) => {
@@ -356,7 +357,82 @@ pub fn start_with_upstream(
     let tasks = vec![
         tokio::spawn(run(store.clone(), config, etag, Some(upstream.clone()))),
         tokio::spawn(upstream.clone().deliver_outbox(store.clone())),
-        tokio::spawn(upstream.keep_leases(store)),
+        tokio::spawn(upstream.clone().keep_leases(store.clone())),
+        tokio::spawn(follow_updates(store, config_for_updates, upstream)),
     ];
     (revision, tasks)
+}
+
+/// Follows the control plane's updates feed (authorizations, captures, refunds of the
+/// project's cards) forever: long-polls from the persisted position, applies each batch to
+/// the store (budgets move from reserved to spent) and persists the new position.
+pub async fn follow_updates(store: Store, config: SyncConfig, upstream: Arc<Upstream>) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(WAIT_SECONDS + 15))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "sync: cannot build the http client; updates are off");
+            return;
+        }
+    };
+    let base = format!(
+        "{}{}",
+        config.control_plane_url.trim_end_matches('/'),
+        wire::UPDATES_PATH
+    );
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let after = match store.updates_after() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the updates position");
+                tokio::time::sleep(MAX_BACKOFF).await;
+                continue;
+            }
+        };
+        let result = async {
+            let resp = client
+                .get(format!("{base}?after={after}&wait={WAIT_SECONDS}"))
+                .bearer_auth(&config.sidecar_token)
+                .send()
+                .await?;
+            if resp.status().as_u16() != 200 {
+                return Err(FetchError::Status(resp.status().as_u16()));
+            }
+            Ok(resp.json::<wire::UpdateFeed>().await?)
+        }
+        .await;
+        match result {
+            Ok(feed) => {
+                upstream.contact();
+                backoff = MIN_BACKOFF;
+                if feed.updates.is_empty() && feed.next_after == after {
+                    continue;
+                }
+                let s = store.clone();
+                let now = unix_now();
+                let applied = tokio::task::spawn_blocking(move || {
+                    s.apply_intent_updates(&feed.updates, feed.next_after, now)
+                })
+                .await;
+                match applied {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(intents = n, "card activity applied"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot apply card activity");
+                        tokio::time::sleep(backoff).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "card activity task failed"),
+                }
+            }
+            Err(e) => {
+                upstream.lost();
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "fetching card activity failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
 }

@@ -169,6 +169,17 @@ impl Upstream {
         )
     }
 
+    /// Adds this sidecar's token id and signature to a card's `roony_*` metadata (see
+    /// `wire::sign_card_metadata`).
+    pub fn sign_card_metadata(&self, metadata: &mut std::collections::BTreeMap<String, String>) {
+        metadata.insert(
+            wire::CARD_SIDECAR_KEY.to_string(),
+            crate::auth::key_id(&self.config.sidecar_token),
+        );
+        let sig = wire::sign_card_metadata(metadata, &self.config.sidecar_token);
+        metadata.insert(wire::CARD_SIGNATURE_KEY.to_string(), sig);
+    }
+
     /// Notes an answer from the control plane now.
     pub fn contact(&self) {
         self.reachable.store(true, Ordering::Release);

@@ -260,6 +260,110 @@ pub enum VerifyError {
     Signature,
 }
 
+// ----- updates down (authorizations and settlement) -------------------------------------
+
+/// `GET /api/sync/v1/updates?after=<seq>&wait=<seconds>`: what happened to the project's
+/// cards at Stripe, in order.
+pub const UPDATES_PATH: &str = "/api/sync/v1/updates";
+/// Most updates in one [`UpdateFeed`].
+pub const MAX_UPDATES_PER_FEED: usize = 500;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateFeed {
+    /// Always [`FORMAT`].
+    pub format: u32,
+    /// Oldest first; each carries the intent's whole money state, so only the newest one
+    /// per intent matters.
+    pub updates: Vec<IntentUpdate>,
+    /// Ask for `after=<this>` next (the last update's seq, or the `after` asked for).
+    pub next_after: i64,
+}
+
+/// The money state of one intent's card at Stripe, as the control plane's ledger has it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IntentUpdate {
+    /// Increasing across the control plane (per database).
+    pub seq: i64,
+    pub intent_id: String,
+    pub agent_id: String,
+    /// `active`, `inactive` or `canceled`, when known.
+    pub card_status: Option<String>,
+    /// Every authorization on the card, oldest first.
+    pub authorizations: Vec<AuthorizationSnapshot>,
+    /// Captured, minor units (positive), including force captures.
+    pub captured: i64,
+    /// Refunded, minor units (positive).
+    pub refunded: i64,
+    /// Approved authorizations not yet captured, reversed or expired.
+    pub pending: i64,
+    /// No more money can move on this card (it is canceled and nothing is pending): what
+    /// was captured minus refunds is the purchase's final spend.
+    pub closed: bool,
+    /// Discrepancy codes found on this card (e.g. `over_capture`).
+    pub discrepancies: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuthorizationSnapshot {
+    /// Stripe id (`iauth_…`).
+    pub id: String,
+    /// Amount approved (or requested, if declined), minor units.
+    pub amount: i64,
+    pub currency: String,
+    pub approved: bool,
+    /// `pending`, `closed`, `reversed` or `expired`.
+    pub status: String,
+    pub merchant_name: String,
+    pub merchant_country: Option<String>,
+    pub merchant_category: Option<String>,
+    /// Roony's reason codes (real-time decision), or Stripe's request reason.
+    pub reasons: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+// ----- card metadata (the intent a card carries) ----------------------------------------
+
+/// Metadata key of the signature over a card's Roony metadata.
+pub const CARD_SIGNATURE_KEY: &str = "roony_sig";
+/// Metadata key naming the sidecar (its token id) whose key signed the card.
+pub const CARD_SIDECAR_KEY: &str = "roony_sidecar";
+
+/// Signs the `roony_*` entries of a card's metadata (all but [`CARD_SIGNATURE_KEY`]) with the
+/// key derived from the sidecar's token, so the control plane — which stores the token's
+/// SHA-256 — can trust what a card says about its purchase before the intent is synced.
+pub fn sign_card_metadata(
+    metadata: &std::collections::BTreeMap<String, String>,
+    token: &str,
+) -> String {
+    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    hex::encode(hmac_sha256(&key, card_message(metadata).as_bytes()))
+}
+
+/// Verifies [`sign_card_metadata`] with the hex SHA-256 of the sidecar's token.
+pub fn verify_card_metadata(
+    metadata: &std::collections::BTreeMap<String, String>,
+    token_hash_hex: &str,
+) -> bool {
+    let (Ok(key), Some(Ok(sig))) = (
+        hex::decode(token_hash_hex),
+        metadata.get(CARD_SIGNATURE_KEY).map(hex::decode),
+    ) else {
+        return false;
+    };
+    let expected = hmac_sha256(&key, card_message(metadata).as_bytes());
+    bool::from(expected.as_slice().ct_eq(&sig))
+}
+
+fn card_message(metadata: &std::collections::BTreeMap<String, String>) -> String {
+    let signed: serde_json::Map<String, Value> = metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("roony_") && k.as_str() != CARD_SIGNATURE_KEY)
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    canonical(&Value::Object(signed))
+}
+
 /// JSON with object keys sorted and no whitespace.
 pub fn canonical(value: &Value) -> String {
     let mut out = String::new();
@@ -418,6 +522,27 @@ mod tests {
             verify(v.to_string().as_bytes(), "token-aaaaaaaaaaaaaaaaaaaa"),
             Err(VerifyError::Format(_))
         ));
+    }
+
+    #[test]
+    fn card_metadata_signature() {
+        let token = "roony_st_0123456789abcdef";
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("roony_intent_id".to_string(), "pur_1".to_string());
+        m.insert("roony_limit".to_string(), "1212".to_string());
+        m.insert("note".to_string(), "not signed".to_string());
+        let sig = sign_card_metadata(&m, token);
+        m.insert(CARD_SIGNATURE_KEY.to_string(), sig);
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        assert!(verify_card_metadata(&m, &hash));
+        m.insert("note".to_string(), "changed".to_string());
+        assert!(
+            verify_card_metadata(&m, &hash),
+            "only roony_ keys are signed"
+        );
+        m.insert("roony_limit".to_string(), "99999".to_string());
+        assert!(!verify_card_metadata(&m, &hash));
+        assert!(!verify_card_metadata(&m, "zz"));
     }
 
     #[test]

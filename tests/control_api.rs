@@ -224,6 +224,10 @@ on_both!(
     approvals,
     audit_trail,
     bad_input_is_4xx,
+    admin_tokens,
+    admin_token_last_used,
+    bootstrap_tokens_replace_each_other,
+    concurrent_revocations_keep_one_token,
 );
 
 async fn migrations_apply(ctx: Ctx) {
@@ -270,6 +274,7 @@ async fn migrations_apply(ctx: Ctx) {
         "audit_events_target",
         "intents_project_sidecar_status",
         "budget_leases_sidecar",
+        "admin_tokens_created",
     ] {
         assert!(indexes.iter().any(|x| x == i), "{i} missing: {indexes:?}");
     }
@@ -1172,4 +1177,410 @@ async fn bad_input_is_4xx(ctx: Ctx) {
     assert_eq!(a["status"], "active");
     let (s, _) = ctx.get("/agents/agt_x/policy").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// GET /projects with `token`: the status.
+async fn status_with(ctx: &Ctx, token: &str) -> StatusCode {
+    ctx.client
+        .get(ctx.url("/projects"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn create_token(ctx: &Ctx, name: &str) -> (String, String) {
+    let (s, b) = ctx.post("/admin_tokens", json!({"name": name})).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    (
+        b["id"].as_str().unwrap().to_string(),
+        b["token"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn admin_tokens(ctx: Ctx) {
+    // Create: the token is shown once, in the generated format, stored as a hash only.
+    let r = ctx
+        .client
+        .post(ctx.url("/admin_tokens"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "  ci deploys  "}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["name"], "ci deploys");
+    let token = b["token"].as_str().unwrap().to_string();
+    let id = b["id"].as_str().unwrap().to_string();
+    assert!(
+        token.starts_with("roony_at_") && token.len() == 9 + 64,
+        "{token}"
+    );
+    assert_eq!(id, roony::auth::key_id(&token));
+    assert!(b["created_at"].as_i64().unwrap() > 0);
+    assert_eq!(status_with(&ctx, &token).await, StatusCode::OK);
+    let hash: String = sqlx::query("SELECT token_hash FROM admin_tokens WHERE id = $1")
+        .bind(id.clone())
+        .fetch_one(ctx.db.pool())
+        .await
+        .unwrap()
+        .try_get("token_hash")
+        .unwrap();
+    assert_eq!(hash, roony::auth::hash(&token));
+
+    // List: newest first, never a token or hash.
+    let (s, list) = ctx.get("/admin_tokens").await;
+    assert_eq!(s, StatusCode::OK);
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    // Newest first by (created_at, id); ids derive from the tokens, so within one second
+    // the order is by id.
+    let key = |i: &Value| {
+        (
+            i["created_at"].as_i64().unwrap(),
+            i["id"].as_str().unwrap().to_string(),
+        )
+    };
+    assert!(key(&items[0]) > key(&items[1]));
+    let mine = items.iter().find(|i| i["id"] == id.as_str()).unwrap();
+    assert_eq!(mine["name"], "ci deploys");
+    assert!(items.iter().any(|i| i["name"] == TOKEN_NAME));
+    for item in items {
+        let keys: Vec<&String> = item.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys.len(),
+            5,
+            "{item}: only id, name, created_at, last_used_at, revoked_at"
+        );
+        assert!(item["revoked_at"].is_null());
+    }
+    let text = list.to_string();
+    assert!(!text.contains(&token) && !text.contains(&hash) && !text.contains(TOKEN));
+    assert!(!text.contains(&roony::auth::hash(TOKEN)));
+
+    // Bad names: 422 invalid_name naming the field; nothing stored.
+    for bad in [
+        json!({"name": ""}),
+        json!({"name": "   "}),
+        json!({"name": "a\u{7}b"}),
+        json!({"name": "x".repeat(101)}),
+    ] {
+        let (s, b) = ctx.post("/admin_tokens", bad.clone()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {b}");
+        assert_eq!(b["error"]["code"], "invalid_name", "{bad}");
+        assert_eq!(b["error"]["field"], "name");
+    }
+    let (s, _) = ctx
+        .post("/admin_tokens", json!({"name": "x".repeat(100)}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, b) = ctx.post("/admin_tokens", json!({"nom": "x"})).await;
+    assert!(s.is_client_error(), "{b}");
+    let (s, b) = ctx.post("/admin_tokens", json!({"name": 5})).await;
+    assert!(s.is_client_error(), "{b}");
+    // Without a valid token nothing is created.
+    let r = ctx
+        .client
+        .post(ctx.url("/admin_tokens"))
+        .bearer_auth("not-a-real-admin-token-000")
+        .json(&json!({"name": "sneaky"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (_, list) = ctx.get("/admin_tokens").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+
+    // Revoke: 200 with the view, then 401 with it, 409 the second time, 404 unknown.
+    let (s, b) = ctx.post_empty(&format!("/admin_tokens/{id}/revoke")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["id"], id.as_str());
+    assert!(b["revoked_at"].as_i64().unwrap() > 0);
+    assert!(b.get("token").is_none() && b.get("token_hash").is_none());
+    let r = ctx
+        .client
+        .get(ctx.url("/projects"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_admin_token");
+    let (s, b) = ctx.post_empty(&format!("/admin_tokens/{id}/revoke")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(b["error"]["code"], "admin_token_already_revoked");
+    for unknown in ["h000000000000000", "nope", "%FF"] {
+        let (s, b) = ctx
+            .post_empty(&format!("/admin_tokens/{unknown}/revoke"))
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{unknown}: {b}");
+        assert_eq!(b["error"]["code"], "admin_token_not_found");
+    }
+
+    // A token may revoke itself while another is active; the last active one cannot go.
+    let (id2, token2) = create_token(&ctx, "second").await;
+    let bootstrap_id = roony::auth::key_id(TOKEN);
+    let (_, list) = ctx.get("/admin_tokens").await;
+    for item in list["items"].as_array().unwrap() {
+        let item_id = item["id"].as_str().unwrap();
+        if item["revoked_at"].is_null() && item_id != id2 && item_id != bootstrap_id {
+            let (s, _) = ctx
+                .post_empty(&format!("/admin_tokens/{item_id}/revoke"))
+                .await;
+            assert_eq!(s, StatusCode::OK);
+        }
+    }
+    let (s, b) = ctx
+        .post_empty(&format!("/admin_tokens/{bootstrap_id}/revoke"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}: revoking the requesting token");
+    assert_eq!(status_with(&ctx, TOKEN).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(&ctx, &token2).await, StatusCode::OK);
+    let r = ctx
+        .client
+        .post(ctx.url(&format!("/admin_tokens/{id2}/revoke")))
+        .bearer_auth(&token2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "last_admin_token");
+    assert_eq!(status_with(&ctx, &token2).await, StatusCode::OK);
+    let active: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at IS NULL")
+            .fetch_one(ctx.db.pool())
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+    assert_eq!(active, 1);
+
+    // Audit: creations and revocations by the acting token; never a token in the details.
+    let events = ctx.db.list_audit_events(None, 100).await.unwrap();
+    let creates: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "admin_token.create" && e.actor_type == "admin_token")
+        .collect();
+    assert_eq!(creates.len(), 3);
+    let revokes: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "admin_token.revoke")
+        .collect();
+    assert_eq!(revokes.len(), 3);
+    let own = revokes.iter().find(|e| e.target_id == id).unwrap();
+    assert_eq!(own.actor_type, "admin_token");
+    assert_eq!(own.actor_id, bootstrap_id);
+    assert_eq!(own.details["name"], "ci deploys");
+    assert!(own.request_id.as_deref().unwrap().starts_with("req_"));
+    let all = serde_json::to_string(&events).unwrap();
+    assert!(!all.contains(&token) && !all.contains(&token2) && !all.contains(TOKEN));
+    assert!(!all.contains(&hash));
+    // Refusals wrote nothing.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action.starts_with("admin_token."))
+            .count(),
+        7
+    );
+}
+
+async fn admin_token_last_used(ctx: Ctx) {
+    let (id, token) = create_token(&ctx, "usage").await;
+    let last_used = |ctx: &Ctx, id: String| {
+        let pool = ctx.db.pool().clone();
+        async move {
+            sqlx::query("SELECT last_used_at FROM admin_tokens WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .try_get::<Option<i64>, _>("last_used_at")
+                .unwrap()
+        }
+    };
+    // Never used yet; the creating token was.
+    let (_, list) = ctx.get("/admin_tokens").await;
+    let find = |list: &Value, id: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert!(find(&list, &id)["last_used_at"].is_null());
+    assert!(
+        find(&list, &roony::auth::key_id(TOKEN))["last_used_at"]
+            .as_i64()
+            .is_some()
+    );
+    // Used: set.
+    let before = control_now();
+    assert_eq!(status_with(&ctx, &token).await, StatusCode::OK);
+    let t = last_used(&ctx, id.clone()).await.unwrap();
+    assert!(t >= before && t <= control_now(), "{t}");
+    let (_, list) = ctx.get("/admin_tokens").await;
+    assert_eq!(find(&list, &id)["last_used_at"], t);
+    // Within the minute: not written again.
+    let recent = control_now() - 30;
+    sqlx::query("UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2")
+        .bind(recent)
+        .bind(id.clone())
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(status_with(&ctx, &token).await, StatusCode::OK);
+    assert_eq!(last_used(&ctx, id.clone()).await, Some(recent));
+    // Older than a minute: updated.
+    let old = control_now() - 120;
+    sqlx::query("UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2")
+        .bind(old)
+        .bind(id.clone())
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(status_with(&ctx, &token).await, StatusCode::OK);
+    assert!(last_used(&ctx, id.clone()).await.unwrap() >= before);
+    // A wrong token records nothing.
+    sqlx::query("UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2")
+        .bind(old)
+        .bind(id.clone())
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
+    let wrong = format!("{}0", &token[..token.len() - 1]);
+    let wrong = if wrong == token {
+        format!("{}1", &token[..token.len() - 1])
+    } else {
+        wrong
+    };
+    assert_eq!(status_with(&ctx, &wrong).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(last_used(&ctx, id.clone()).await, Some(old));
+}
+
+fn control_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn bootstrap_tokens_replace_each_other(ctx: Ctx) {
+    const FIRST: &str = "dev-bootstrap-token-one-0123456789";
+    const SECOND: &str = "dev-bootstrap-token-two-0123456789";
+    // An API token that happens to share the bootstrap name is not a bootstrap token.
+    let (api_id, api_token) = create_token(&ctx, "dev").await;
+    let open = |token: &'static str| {
+        let mut config = ControlConfig::sqlite_in(std::path::Path::new("/nonexistent"));
+        config.database_url = ctx.db_url.clone();
+        config.bootstrap_admin_token = Some(token.into());
+        config.bootstrap_admin_name = "dev".into();
+        async move {
+            let db = control::open(&config).await.unwrap();
+            db.close().await;
+        }
+    };
+    open(FIRST).await;
+    assert_eq!(status_with(&ctx, FIRST).await, StatusCode::OK);
+    // Opening again with the same token changes nothing.
+    open(FIRST).await;
+    assert_eq!(status_with(&ctx, FIRST).await, StatusCode::OK);
+    open(SECOND).await;
+    assert_eq!(status_with(&ctx, FIRST).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(&ctx, SECOND).await, StatusCode::OK);
+    assert_eq!(status_with(&ctx, &api_token).await, StatusCode::OK);
+    // Another bootstrap name is untouched.
+    assert_eq!(status_with(&ctx, TOKEN).await, StatusCode::OK);
+
+    let first_id = roony::auth::key_id(FIRST);
+    let second_id = roony::auth::key_id(SECOND);
+    let (s, b) = ctx
+        .get(&format!(
+            "/audit_events?action=admin_token.revoke&target_id={first_id}"
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let items = b["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{b}");
+    assert_eq!(items[0]["actor_type"], "system");
+    assert_eq!(
+        items[0]["details"]["reason"],
+        "replaced by a new bootstrap token"
+    );
+    assert_eq!(items[0]["details"]["replaced_by"], second_id.as_str());
+    let (_, b) = ctx.get("/audit_events?action=admin_token.revoke").await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 1);
+
+    // A revoked bootstrap token stays revoked and replaces nothing.
+    open(FIRST).await;
+    assert_eq!(status_with(&ctx, FIRST).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(&ctx, SECOND).await, StatusCode::OK);
+    let (_, list) = ctx.get("/admin_tokens").await;
+    let active: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["revoked_at"].is_null())
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    let bootstrap_id = roony::auth::key_id(TOKEN);
+    let mut want = vec![second_id.as_str(), api_id.as_str(), bootstrap_id.as_str()];
+    let mut got = active.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    // Rotating back and forth only ever leaves one bootstrap token of the name.
+    const THIRD: &str = "dev-bootstrap-token-three-0123456789";
+    open(THIRD).await;
+    assert_eq!(status_with(&ctx, SECOND).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status_with(&ctx, THIRD).await, StatusCode::OK);
+    assert_eq!(status_with(&ctx, &api_token).await, StatusCode::OK);
+}
+
+async fn concurrent_revocations_keep_one_token(ctx: Ctx) {
+    use roony::control::db::{Actor, AdminTokenRevoke};
+    for round in 0..10 {
+        for n in 0..3 {
+            let key = roony::auth::from_plaintext(&control::generate_admin_token()).unwrap();
+            ctx.db
+                .create_admin_token(&format!("race {round} {n}"), &key, &Actor::system(), 1)
+                .await
+                .unwrap();
+        }
+        // Revoke every active token at once: exactly one stays active.
+        let active: Vec<String> = ctx
+            .db
+            .list_admin_tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none())
+            .map(|t| t.id)
+            .collect();
+        assert!(active.len() >= 3);
+        let results = futures_util::future::join_all(active.iter().map(|id| {
+            let db = ctx.db.clone();
+            let id = id.clone();
+            async move {
+                db.revoke_admin_token(&id, &Actor::system(), 1)
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, AdminTokenRevoke::LastActive))
+            .count();
+        assert_eq!(refused, 1, "{results:?}");
+        let left = ctx.db.list_admin_tokens().await.unwrap();
+        assert_eq!(left.iter().filter(|t| t.revoked_at.is_none()).count(), 1);
+    }
 }

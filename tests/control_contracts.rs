@@ -71,6 +71,8 @@ async fn served_spec_equals_committed_spec() {
         "/api/admin/v1/sidecars",
         "/api/admin/v1/sidecars/{id}/revoke",
         "/api/admin/v1/budgets/{id}/leases",
+        "/api/admin/v1/admin_tokens",
+        "/api/admin/v1/admin_tokens/{id}/revoke",
     ] {
         assert!(
             served["paths"].get(path).is_some(),

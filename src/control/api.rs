@@ -15,10 +15,13 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::db::{Actor, AgentFilter, AuditFilter, ControlDb, DbError, LedgerFilter};
+use super::db::{
+    ADMIN_TOKEN_USE_RESOLUTION, Actor, AdminTokenRevoke, AgentFilter, AuditFilter, ControlDb,
+    DbError, LedgerFilter,
+};
 use super::model::{
-    Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision, Intent,
-    Organization, PolicyRevision, Project, Sidecar,
+    AdminToken, Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision,
+    Intent, Organization, PolicyRevision, Project, Sidecar,
 };
 use crate::api::{ApiError, ApiJson, MAX_BODY_BYTES};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
@@ -194,6 +197,15 @@ impl FromRequestParts<AdminState> for Admin {
             .await?;
         match record {
             Some(r) if !r.revoked && crate::auth::verify(token, &r.token_hash) => {
+                // `last_used_at`, at most once a minute per token. Informational: a failed
+                // write does not refuse the request.
+                let now = now();
+                let stale = r
+                    .last_used_at
+                    .is_none_or(|t| now.saturating_sub(t) >= ADMIN_TOKEN_USE_RESOLUTION);
+                if stale && let Err(e) = state.db.touch_admin_token(&r.id, now).await {
+                    tracing::warn!(error = %e, token_id = %r.id, "cannot record admin token use");
+                }
                 Ok(Admin(Actor {
                     kind: "admin_token",
                     id: r.id,
@@ -1480,6 +1492,133 @@ async fn list_budget_leases(
     }))
 }
 
+// ----- admin tokens --------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAdminToken {
+    /// 1 to 100 printable characters (trimmed).
+    pub name: String,
+}
+
+/// A new admin token. The token is shown **once**; only its SHA-256 hash is stored.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedAdminToken {
+    pub id: String,
+    pub name: String,
+    /// `roony_at_<64 hex>`: send as `Authorization: Bearer <token>`.
+    pub token: String,
+    pub created_at: i64,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AdminTokenList {
+    pub items: Vec<AdminToken>,
+}
+
+/// Create an admin token; returns it once.
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/admin_tokens",
+    tag = "admin_tokens",
+    request_body = CreateAdminToken,
+    responses(
+        (status = 201, body = CreatedAdminToken),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+        (status = 415, body = AdminErrorBody),
+        (status = 422, description = "`invalid_name`, or a malformed body", body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn create_admin_token(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    req: Result<ApiJson<CreateAdminToken>, ApiError>,
+) -> Result<Response, AdminError> {
+    let req = body(req)?;
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(AdminError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_name",
+            "name must be 1 to 100 printable characters",
+        )
+        .with_field("name"));
+    }
+    let token = super::generate_admin_token();
+    let key = crate::auth::from_plaintext(&token).map_err(AdminError::internal)?;
+    let created = state
+        .db
+        .create_admin_token(name, &key, &actor, now())
+        .await?;
+    Ok(no_store(
+        StatusCode::CREATED,
+        CreatedAdminToken {
+            id: created.id,
+            name: created.name,
+            token,
+            created_at: created.created_at,
+        },
+    ))
+}
+
+/// List admin tokens, newest first (never a token or its hash).
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/admin_tokens",
+    tag = "admin_tokens",
+    responses(
+        (status = 200, body = AdminTokenList),
+        (status = 401, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_admin_tokens(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+) -> Result<Json<AdminTokenList>, AdminError> {
+    Ok(Json(AdminTokenList {
+        items: state.db.list_admin_tokens().await?,
+    }))
+}
+
+/// Revoke an admin token: its requests are refused (401) from now on. The token making the
+/// request may revoke itself; the only active token cannot be revoked.
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/admin_tokens/{id}/revoke",
+    tag = "admin_tokens",
+    params(("id" = String, Path, description = "Admin token id")),
+    responses(
+        (status = 200, body = AdminToken),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+        (status = 409, description = "`admin_token_already_revoked`, or `last_admin_token`: it is the only active token", body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn revoke_admin_token(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<AdminToken>, AdminError> {
+    let id = path(id, "admin_token")?;
+    match state.db.revoke_admin_token(&id, &actor, now()).await? {
+        AdminTokenRevoke::Revoked(token) => Ok(Json(token)),
+        AdminTokenRevoke::AlreadyRevoked(_) => Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "admin_token_already_revoked",
+            "the admin token is already revoked",
+        )),
+        AdminTokenRevoke::LastActive => Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "last_admin_token",
+            "the only active admin token cannot be revoked; create another one first",
+        )),
+    }
+}
+
 // ----- the app -------------------------------------------------------------------------
 
 struct SecurityAddon;
@@ -1516,6 +1655,7 @@ impl Modify for SecurityAddon {
         (name = "ledger", description = "Intents, decisions, approvals"),
         (name = "audit", description = "The audit trail"),
         (name = "sidecars", description = "Sidecar identities for sync"),
+        (name = "admin_tokens", description = "Admin API tokens"),
     )
 )]
 struct AdminDoc;
@@ -1543,6 +1683,8 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(list_audit_events))
         .routes(routes!(create_sidecar, list_sidecars))
         .routes(routes!(revoke_sidecar))
+        .routes(routes!(create_admin_token, list_admin_tokens))
+        .routes(routes!(revoke_admin_token))
 }
 
 /// The admin API's OpenAPI document.

@@ -12,8 +12,8 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 
 use super::model::{
-    Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision, Intent,
-    NewDecision, NewIntent, Organization, Page, PolicyRevision, Project, Sidecar,
+    AdminToken, Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision,
+    Intent, NewDecision, NewIntent, Organization, Page, PolicyRevision, Project, Sidecar,
 };
 use crate::service::ids::new_id;
 use crate::sync::wire::{
@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "sync ledger",
         include_str!("../../migrations/0003_sync_ledger.sql"),
+    ),
+    (
+        4,
+        "admin tokens",
+        include_str!("../../migrations/0004_admin_tokens.sql"),
     ),
 ];
 
@@ -99,6 +104,30 @@ pub struct AdminTokenRecord {
     pub name: String,
     pub token_hash: String,
     pub revoked: bool,
+    pub last_used_at: Option<i64>,
+}
+
+/// `last_used_at` of an admin token is updated when it is older than this (seconds).
+pub const ADMIN_TOKEN_USE_RESOLUTION: i64 = 60;
+
+/// What [`ControlDb::ensure_admin_token`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapToken {
+    /// The token was inserted (it did not exist).
+    pub created: bool,
+    /// The token exists but was revoked (it stays revoked; nothing else was changed).
+    pub revoked: bool,
+    /// Ids of the other bootstrap tokens of the same name this revoked.
+    pub replaced: Vec<String>,
+}
+
+/// The outcome of [`ControlDb::revoke_admin_token`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminTokenRevoke {
+    Revoked(AdminToken),
+    AlreadyRevoked(AdminToken),
+    /// Refused: it is the only active token.
+    LastActive,
 }
 
 /// Filters for listing agents.
@@ -1328,19 +1357,31 @@ impl ControlDb {
 
     // ----- admin tokens -----------------------------------------------------------------
 
-    /// Ensures an admin token with this id and hash exists (a bootstrap token). An existing
-    /// row with the same id is left as it is.
+    /// Ensures the bootstrap admin token (`roony control-plane --admin-token`, `roony dev`)
+    /// with this id and hash exists, and makes it the only active bootstrap token of its
+    /// name, in one transaction:
+    ///
+    /// - a new token is inserted (source `bootstrap`, audit `admin_token.create`, actor
+    ///   system); an existing row with the same id is left as it is — in particular a
+    ///   revoked one stays revoked;
+    /// - if the token is active, every *other* active bootstrap token with the same name is
+    ///   revoked (audit `admin_token.revoke`, actor system, reason "replaced by a new
+    ///   bootstrap token"), so that restarting with a new token (each `roony dev` run
+    ///   without `--admin-token`, a rotated `ROONY_ADMIN_TOKEN`) does not leave the old ones
+    ///   valid. Tokens created through the admin API are never revoked here, whatever their
+    ///   name; nor is anything revoked when the given token is itself revoked.
     pub async fn ensure_admin_token(
         &self,
         id: &str,
         name: &str,
         token_hash: &str,
         now: i64,
-    ) -> Result<(), DbError> {
+    ) -> Result<BootstrapToken, DbError> {
         let mut tx = self.tx().await?;
+        Self::lock_admin_tokens(&mut tx).await?;
         let n = sqlx::query(
-            "INSERT INTO admin_tokens (id, name, token_hash, admin_user_id, created_at, last_used_at, revoked_at) \
-             VALUES ($1, $2, $3, NULL, $4, NULL, NULL) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO admin_tokens (id, name, token_hash, admin_user_id, created_at, last_used_at, revoked_at, source) \
+             VALUES ($1, $2, $3, NULL, $4, NULL, NULL, 'bootstrap') ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.to_string())
         .bind(name.to_string())
@@ -1349,19 +1390,197 @@ impl ControlDb {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if n == 1 {
+        let created = n == 1;
+        if created {
             Self::audit(
                 &mut tx,
                 &Actor::system(),
                 "admin_token.create",
                 "admin_token",
                 id,
-                serde_json::json!({"name": name}),
+                serde_json::json!({"name": name, "source": "bootstrap"}),
                 now,
             )
             .await?;
         }
+        let revoked_at: Option<i64> =
+            sqlx::query("SELECT revoked_at FROM admin_tokens WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("revoked_at")?;
+        let mut replaced = Vec::new();
+        if revoked_at.is_none() {
+            let rows = sqlx::query(
+                "SELECT id FROM admin_tokens \
+                 WHERE name = $1 AND source = 'bootstrap' AND id <> $2 AND revoked_at IS NULL \
+                 ORDER BY created_at, id",
+            )
+            .bind(name.to_string())
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let old: String = row.try_get("id")?;
+                sqlx::query(
+                    "UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(now)
+                .bind(old.clone())
+                .execute(&mut *tx)
+                .await?;
+                Self::audit(
+                    &mut tx,
+                    &Actor::system(),
+                    "admin_token.revoke",
+                    "admin_token",
+                    &old,
+                    serde_json::json!({
+                        "name": name,
+                        "reason": "replaced by a new bootstrap token",
+                        "replaced_by": id,
+                    }),
+                    now,
+                )
+                .await?;
+                replaced.push(old);
+            }
+        }
         tx.commit().await?;
+        Ok(BootstrapToken {
+            created,
+            revoked: revoked_at.is_some(),
+            replaced,
+        })
+    }
+
+    /// First statement of every transaction that revokes admin tokens: locks the active
+    /// ones (row locks held to commit on PostgreSQL, also across replicas; the database
+    /// write lock on SQLite, `BEGIN IMMEDIATE`), so that two concurrent revocations cannot
+    /// both see the other's token active and leave no active token at all.
+    async fn lock_admin_tokens(conn: &mut sqlx::AnyConnection) -> Result<(), DbError> {
+        sqlx::query("UPDATE admin_tokens SET revoked_at = revoked_at WHERE revoked_at IS NULL")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a new admin token created through the admin API (`key`: its id and hash only).
+    pub async fn create_admin_token(
+        &self,
+        name: &str,
+        key: &crate::auth::NewKey,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<AdminToken, DbError> {
+        let token = AdminToken {
+            id: key.key_id.clone(),
+            name: name.to_string(),
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let mut tx = self.tx().await?;
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, name, token_hash, admin_user_id, created_at, last_used_at, revoked_at, source) \
+             VALUES ($1, $2, $3, NULL, $4, NULL, NULL, 'api')",
+        )
+        .bind(token.id.clone())
+        .bind(token.name.clone())
+        .bind(key.hash.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "admin_token.create",
+            "admin_token",
+            &token.id,
+            serde_json::json!({"name": name, "source": "api"}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    /// Every admin token, newest first (never a hash).
+    pub async fn list_admin_tokens(&self) -> Result<Vec<AdminToken>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, last_used_at, revoked_at FROM admin_tokens \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(admin_token_from_row).collect()
+    }
+
+    /// Revokes an admin token (audit `admin_token.revoke`), unless it is already revoked or
+    /// is the only active one (nobody could use the admin API afterwards). Revoking the
+    /// token that makes the request is allowed when another one is active.
+    pub async fn revoke_admin_token(
+        &self,
+        id: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<AdminTokenRevoke, DbError> {
+        let mut tx = self.tx().await?;
+        Self::lock_admin_tokens(&mut tx).await?;
+        let row = sqlx::query(
+            "SELECT id, name, created_at, last_used_at, revoked_at FROM admin_tokens WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(DbError::NotFound("admin token"))?;
+        let mut token = admin_token_from_row(&row)?;
+        if token.revoked_at.is_some() {
+            return Ok(AdminTokenRevoke::AlreadyRevoked(token));
+        }
+        let others: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at IS NULL AND id <> $1",
+        )
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if others == 0 {
+            return Ok(AdminTokenRevoke::LastActive);
+        }
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "admin_token.revoke",
+            "admin_token",
+            id,
+            serde_json::json!({"name": token.name, "self": actor.id == id}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        token.revoked_at = Some(now);
+        Ok(AdminTokenRevoke::Revoked(token))
+    }
+
+    /// Records a successful authentication with an admin token: sets `last_used_at` to
+    /// `now` unless it is already within [`ADMIN_TOKEN_USE_RESOLUTION`] seconds of it (the
+    /// hot path writes at most once a minute per token). Not audited.
+    pub async fn touch_admin_token(&self, id: &str, now: i64) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE admin_tokens SET last_used_at = $1 \
+             WHERE id = $2 AND revoked_at IS NULL AND (last_used_at IS NULL OR last_used_at <= $3)",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .bind(now.saturating_sub(ADMIN_TOKEN_USE_RESOLUTION))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -2042,17 +2261,19 @@ impl ControlDb {
     }
 
     pub async fn find_admin_token(&self, id: &str) -> Result<Option<AdminTokenRecord>, DbError> {
-        let row =
-            sqlx::query("SELECT id, name, token_hash, revoked_at FROM admin_tokens WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT id, name, token_hash, last_used_at, revoked_at FROM admin_tokens WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok(AdminTokenRecord {
                 id: r.try_get("id")?,
                 name: r.try_get("name")?,
                 token_hash: r.try_get("token_hash")?,
                 revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+                last_used_at: r.try_get("last_used_at")?,
             })
         })
         .transpose()
@@ -2176,6 +2397,16 @@ fn agent_from_row(r: &AnyRow) -> Result<Agent, DbError> {
         frozen_reason: r.try_get("frozen_reason")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn admin_token_from_row(r: &AnyRow) -> Result<AdminToken, DbError> {
+    Ok(AdminToken {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+        revoked_at: r.try_get("revoked_at")?,
     })
 }
 

@@ -25,7 +25,8 @@ pub struct ControlConfig {
     /// `sqlite://…` or `postgres://…`.
     pub database_url: String,
     pub listen: SocketAddr,
-    /// If set, an admin token with this plaintext exists after start-up.
+    /// If set, an admin token with this plaintext exists after start-up, and the other
+    /// bootstrap tokens of `bootstrap_admin_name` are revoked (see [`open`]).
     pub bootstrap_admin_token: Option<String>,
     /// Name (author) recorded for the bootstrap token.
     pub bootstrap_admin_name: String,
@@ -98,6 +99,12 @@ pub fn generate_admin_token() -> String {
 
 /// Opens the database (creating the SQLite file's directory), applies migrations, makes
 /// sure the default organization and the bootstrap admin token exist.
+///
+/// The bootstrap token replaces the earlier ones of its name: every other active admin
+/// token with the same `bootstrap_admin_name` that was itself a bootstrap token is revoked
+/// in the same transaction (see [`ControlDb::ensure_admin_token`]), so each `roony dev` run
+/// or `ROONY_ADMIN_TOKEN` rotation leaves exactly one valid bootstrap token. Tokens created
+/// through the admin API are untouched. A bootstrap token that was revoked stays revoked.
 pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
     let bootstrap = config
         .bootstrap_admin_token
@@ -118,8 +125,24 @@ pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
     let now = unix_now();
     db.ensure_default_org(now).await?;
     if let Some(key) = bootstrap {
-        db.ensure_admin_token(&key.key_id, &config.bootstrap_admin_name, &key.hash, now)
+        let name = &config.bootstrap_admin_name;
+        let outcome = db
+            .ensure_admin_token(&key.key_id, name, &key.hash, now)
             .await?;
+        if outcome.revoked {
+            tracing::warn!(
+                token_id = %key.key_id,
+                name = %name,
+                "the bootstrap admin token was revoked; it stays revoked (choose a new one)"
+            );
+        }
+        if !outcome.replaced.is_empty() {
+            tracing::info!(
+                name = %name,
+                revoked = ?outcome.replaced,
+                "revoked the bootstrap admin tokens this one replaces"
+            );
+        }
     }
     Ok(db)
 }

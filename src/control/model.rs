@@ -48,6 +48,21 @@ pub struct Sidecar {
     pub revoked_at: Option<i64>,
 }
 
+/// An admin API token as listed: its id, name and dates, never the token or its hash (the
+/// token is shown once, at creation). `last_used_at` is updated on authentication at most
+/// once a minute per token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AdminToken {
+    /// Derived from the token (`h` + 15 hex).
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    /// Last successful authentication (to the minute); `null` if never used.
+    pub last_used_at: Option<i64>,
+    /// `null` while the token is active.
+    pub revoked_at: Option<i64>,
+}
+
 /// An agent key as stored: its id and dates, never the key or its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AgentKey {

@@ -191,8 +191,10 @@ fn snapshot(id: &str, agent: &str, version: i64, status: &str) -> wire::IntentSn
         merchant_name: "Acme Books".into(),
         merchant_domain: Some("acme.test".into()),
         merchant_country: Some("US".into()),
+        merchant_category: None,
         description: Some("a book".into()),
         reserved: if live { 2_500 } else { 0 },
+        expires_at: None,
         decision: wire::DecisionSnapshot {
             id: format!("dec_{id}"),
             outcome: match status {

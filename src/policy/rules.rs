@@ -53,6 +53,16 @@ pub struct Policy {
     /// (100 = 1%), to absorb rounding or FX; it shrinks so that no budget can be exceeded.
     #[serde(default = "default_buffer_bps")]
     pub card_buffer_bps: u32,
+    /// Freeze the agent when the control plane finds a discrepancy on one of its cards
+    /// (over-capture, force capture, capture on a canceled card, merchant mismatch). Default
+    /// true: a card used for something other than its purchase stops the agent until an
+    /// administrator looks.
+    #[serde(default = "default_true")]
+    pub freeze_on_discrepancy: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_card_ttl() -> u32 {
@@ -162,6 +172,7 @@ impl Policy {
             require_approval_above: None,
             require_confirmation_above: None,
             card_ttl_seconds: default_card_ttl(),
+            freeze_on_discrepancy: true,
             approval_ttl_seconds: default_approval_ttl(),
             card_buffer_bps: default_buffer_bps(),
         }

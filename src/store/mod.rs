@@ -1444,6 +1444,8 @@ fn sync_event(rec: &IntentRecord, action: &str, now: UnixSeconds) -> wire::SyncE
             merchant_name: m.name.clone(),
             merchant_domain: m.domain.clone(),
             merchant_country: m.country.clone(),
+            merchant_category: m.category.clone(),
+            expires_at: rec.expires_at,
             description: Some(rec.request.description.clone()).filter(|d| !d.is_empty()),
             reserved: rec.reservation.as_ref().map_or(0, |r| r.amount),
             decision: wire::DecisionSnapshot {

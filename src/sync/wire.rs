@@ -143,9 +143,15 @@ pub struct IntentSnapshot {
     pub merchant_name: String,
     pub merchant_domain: Option<String>,
     pub merchant_country: Option<String>,
+    /// Stripe category name, when the purchase named one.
+    #[serde(default)]
+    pub merchant_category: Option<String>,
     pub description: Option<String>,
     /// Minor units held against budgets now (0 once released).
     pub reserved: i64,
+    /// Unix seconds when the card (or the pending approval) expires.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
     pub decision: DecisionSnapshot,
     /// Reason code of the last status change (e.g. `card_issuance_failed`).
     pub status_reason: Option<String>,

@@ -31,6 +31,9 @@ pub enum Command {
     StripeEmulator(EmulatorArgs),
     /// Run everything locally: emulator + sidecar with a demo agent.
     Dev(crate::dev::DevArgs),
+    /// Play the merchant against the Stripe emulator (e.g. `roony dev`'s).
+    #[command(subcommand)]
+    Simulate(crate::simulate::SimulateCommand),
     /// Manage agents in a sidecar's data directory (while the sidecar is stopped).
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -160,6 +163,8 @@ pub struct EmulatorArgs {
     /// Latency added to every request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    #[command(flatten)]
+    pub webhooks: crate::emulator::webhooks::WebhookArgs,
 }
 
 impl EmulatorArgs {
@@ -170,6 +175,7 @@ impl EmulatorArgs {
                 rate_500: self.fault_rate_500.clamp(0.0, 1.0),
                 latency: std::time::Duration::from_millis(self.latency_ms),
             },
+            webhook: self.webhooks.config(),
         }
     }
 }
@@ -203,6 +209,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Simulate(command) = &cli.command {
+        return runtime.block_on(crate::simulate::run_cli(command));
+    }
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -303,6 +312,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         }
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Simulate(_) => Err("`roony simulate` runs from main".into()),
         Command::Mcp(args) => {
             crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
                 .await

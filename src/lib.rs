@@ -14,6 +14,7 @@ pub mod mcp;
 pub mod policy;
 pub mod service;
 pub mod sidecar;
+pub mod simulate;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

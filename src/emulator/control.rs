@@ -3,6 +3,9 @@
 //! - `GET /_emulator/faults`, `POST /_emulator/faults` (replace the fault settings)
 //! - `GET /_emulator/stats`
 //! - `POST /_emulator/reset`
+//! - `GET|POST|DELETE /_emulator/webhooks` (the webhook endpoint)
+//! - `GET /_emulator/events`, `GET /_emulator/events/:id`,
+//!   `POST /_emulator/events/:id/resend`
 
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use http::{HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::faults::{FaultState, FaultsDoc};
+use super::webhooks::{self, Delivery, WebhookDoc};
 use super::{Inner, json_response, to_body};
 
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -20,7 +24,82 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/_emulator/faults", "GET, POST"),
     ("/_emulator/stats", "GET"),
     ("/_emulator/reset", "POST"),
+    ("/_emulator/webhooks", "GET, POST, DELETE"),
+    ("/_emulator/events", "GET"),
 ];
+
+fn webhook_json(inner: &Inner) -> Value {
+    match &inner.lock().webhook {
+        Some(w) => {
+            let mut v = w.to_json();
+            if let Value::Object(m) = &mut v {
+                m.insert("configured".into(), json!(true));
+            }
+            v
+        }
+        None => json!({"configured": false}),
+    }
+}
+
+async fn read_json(body: axum::body::Body) -> Result<bytes::Bytes, Response> {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return Err(error(StatusCode::BAD_REQUEST, "request body too large"));
+    };
+    Ok(if bytes.iter().all(u8::is_ascii_whitespace) {
+        bytes::Bytes::from_static(b"{}")
+    } else {
+        bytes
+    })
+}
+
+async fn events(inner: &Arc<Inner>, method: &Method, path: &str, query: &str) -> Option<Response> {
+    let rest = path.strip_prefix("/_emulator/events")?;
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, []) => {
+            let wanted: Vec<String> = query
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("type="))
+                .map(|t| t.replace("%2E", ".").replace("%2e", "."))
+                .collect();
+            let st = inner.lock();
+            let data: Vec<Value> = st
+                .events
+                .iter()
+                .filter(|e| wanted.is_empty() || wanted.contains(&e.kind))
+                .map(|e| e.to_json(true))
+                .collect();
+            Some(ok(&json!({"data": data})))
+        }
+        (&Method::GET, [id]) => Some(match inner.lock().event(id) {
+            Some(e) => ok(&e.to_json(true)),
+            None => error(StatusCode::NOT_FOUND, format!("no event {id}")),
+        }),
+        (&Method::POST, [id, "resend"]) => {
+            let known = {
+                let mut st = inner.lock();
+                let configured = st.webhook.is_some();
+                let known = st.event(id).is_some_and(|e| !e.realtime);
+                if known && configured {
+                    st.update_event(id, |e| e.delivery = Delivery::Pending);
+                }
+                known.then_some(configured)
+            };
+            Some(match known {
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    format!("no regular event {id} (real-time requests cannot be resent)"),
+                ),
+                Some(false) => error(StatusCode::CONFLICT, "no webhook endpoint is configured"),
+                Some(true) => {
+                    webhooks::dispatch(inner, vec![(*id).to_owned()]);
+                    ok(&json!({"resent": id}))
+                }
+            })
+        }
+        _ => None,
+    }
+}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = json!({"error": {"type": "invalid_request_error", "message": message.into()}});
@@ -38,7 +117,41 @@ fn faults_json(doc: &FaultsDoc) -> Value {
 pub(super) async fn handle(inner: &Arc<Inner>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
+    if let Some(r) = events(inner, &parts.method, path, parts.uri.query().unwrap_or("")).await {
+        return r;
+    }
     match (&parts.method, path) {
+        (&Method::GET, "/_emulator/webhooks") => ok(&webhook_json(inner)),
+        (&Method::DELETE, "/_emulator/webhooks") => {
+            inner.lock().webhook = None;
+            ok(&webhook_json(inner))
+        }
+        (&Method::POST, "/_emulator/webhooks") => {
+            let bytes = match read_json(body).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let doc: WebhookDoc = match serde_json::from_slice(&bytes) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid webhook document: {e}"),
+                    );
+                }
+            };
+            match doc.into_config() {
+                Ok(config) => {
+                    tracing::info!(
+                        realtime = config.realtime,
+                        "stripe emulator webhook endpoint set"
+                    );
+                    inner.lock().webhook = Some(config);
+                    ok(&webhook_json(inner))
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            }
+        }
         (&Method::GET, "/_emulator/faults") => ok(&faults_json(&inner.lock().faults.to_doc())),
         (&Method::POST, "/_emulator/faults") => {
             let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
@@ -96,7 +209,7 @@ pub(super) async fn handle(inner: &Arc<Inner>, req: Request) -> Response {
             None => error(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "unknown control endpoint {path}; available: /_emulator/faults, /_emulator/stats, /_emulator/reset"
+                    "unknown control endpoint {path}; available: /_emulator/faults, /_emulator/stats, /_emulator/reset, /_emulator/webhooks, /_emulator/events"
                 ),
             ),
         },

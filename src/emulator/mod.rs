@@ -4,7 +4,11 @@
 //!
 //! - Stripe endpoints live under `/v1/…` (form-encoded requests, JSON responses,
 //!   Stripe's error objects, `Idempotency-Key`, `Stripe-Account` scoping).
-//! - A control API for tests lives under `/_emulator/…` (faults, stats, reset).
+//! - Issuing authorizations and transactions with the `/v1/test_helpers/issuing/…`
+//!   endpoints, an authorization engine (card status, spending controls, a real-time
+//!   webhook) and signed webhook events (`webhooks.rs`).
+//! - A control API for tests lives under `/_emulator/…` (faults, stats, reset,
+//!   webhooks, events).
 //!
 //! State is in memory only; card numbers and CVCs are never logged or written to disk.
 //! See `docs/emulator.md`.
@@ -21,6 +25,7 @@ pub mod pan;
 pub mod params;
 pub mod resources;
 pub mod state;
+pub mod webhooks;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -54,6 +59,10 @@ pub struct FaultConfig {
 #[derive(Clone, Debug, Default)]
 pub struct EmulatorConfig {
     pub faults: FaultConfig,
+    /// Webhook endpoint at start-up (`None`: no events are sent and authorizations
+    /// that pass the checks are approved). Replaceable at run time through
+    /// `POST /_emulator/webhooks`; `POST /_emulator/reset` restores this one.
+    pub webhook: Option<webhooks::WebhookConfig>,
 }
 
 /// The emulator: cheap to clone (shared state).
@@ -71,6 +80,10 @@ impl std::fmt::Debug for Emulator {
 struct Inner {
     config: EmulatorConfig,
     state: Mutex<state::State>,
+    /// Sends webhooks.
+    http: reqwest::Client,
+    /// Queue of the delivery task (started on first use).
+    delivery: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
 }
 
 impl Inner {
@@ -78,20 +91,42 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn fresh_state(config: &EmulatorConfig) -> state::State {
+        state::State::with_webhook(
+            FaultState::from_config(&config.faults),
+            config.webhook.clone(),
+        )
+    }
+
     fn reset(&self) {
-        *self.lock() = state::State::new(FaultState::from_config(&self.config.faults));
+        *self.lock() = Self::fresh_state(&self.config);
     }
 }
 
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Self {
-        let state = state::State::new(FaultState::from_config(&config.faults));
+        let state = Inner::fresh_state(&config);
         Self {
             inner: Arc::new(Inner {
                 config,
                 state: Mutex::new(state),
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .unwrap_or_default(),
+                delivery: Mutex::new(None),
             }),
         }
+    }
+
+    /// Replace the webhook endpoint (`None` stops sending events).
+    pub fn set_webhook(&self, webhook: Option<webhooks::WebhookConfig>) {
+        self.inner.lock().webhook = webhook;
+    }
+
+    /// Every event so far, oldest first, as `GET /_emulator/events` shows them.
+    pub fn events(&self) -> Vec<webhooks::EventRecord> {
+        self.inner.lock().events.clone()
     }
 
     /// All routes (`/v1/…` and `/_emulator/…`) as one axum router.
@@ -222,7 +257,7 @@ async fn api(inner: &Arc<Inner>, req: Request, request_id: &str) -> Response {
             Outcome::Replayed,
             Some(saved.request_id),
         ),
-        Ok(ready) => execute(inner, ready, request_id),
+        Ok(ready) => execute(inner, ready, request_id, idempotency_key.as_deref()).await,
     };
 
     inner.lock().stats.record(stat_key, outcome);
@@ -349,10 +384,11 @@ async fn prepare(
     })
 }
 
-fn execute(
+async fn execute(
     inner: &Arc<Inner>,
     ready: Ready,
     request_id: &str,
+    idempotency_key: Option<&str>,
 ) -> (StatusCode, Bytes, Outcome, Option<String>) {
     let Ready {
         route,
@@ -361,8 +397,42 @@ fn execute(
         mut reservation,
     } = ready;
     let now = ids::now_unix();
+    let request = state::RequestInfo {
+        id: Some(request_id.to_owned()),
+        idempotency_key: idempotency_key.map(str::to_owned),
+    };
+    let first = {
+        let mut st = inner.lock();
+        st.request = request.clone();
+        let r = route.execute(&mut st, &account, params, now);
+        let queued = std::mem::take(&mut st.outbox);
+        drop(st);
+        webhooks::dispatch(inner, queued);
+        r
+    };
+    let result = match first {
+        Ok(resources::Exec::Done(v)) => Ok(v),
+        Err(e) => Err(e),
+        Ok(resources::Exec::Realtime(pending)) => {
+            // The real-time webhook is asked without holding the state lock.
+            let decision = webhooks::realtime_request(
+                inner,
+                &pending.webhook,
+                &pending.event_id,
+                pending.body.clone(),
+                pending.amount_controllable,
+            )
+            .await;
+            let mut st = inner.lock();
+            st.request = request;
+            let r = resources::authorization::finish(&mut st, *pending, decision, ids::now_unix());
+            let queued = std::mem::take(&mut st.outbox);
+            drop(st);
+            webhooks::dispatch(inner, queued);
+            r
+        }
+    };
     let mut st = inner.lock();
-    let result = route.execute(&mut st, &account, params, now);
     let (status, body, outcome) = match result {
         Ok(value) => (StatusCode::OK, to_body(&value), Outcome::Executed),
         Err(e) => (e.status, to_body(&e.body()), Outcome::Failed),

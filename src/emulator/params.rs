@@ -30,6 +30,8 @@ pub enum Shape {
     Metadata,
     /// An integer timestamp or `{gt,gte,lt,lte}`.
     Range,
+    /// Accepted without checking (detail objects the emulator stores but ignores).
+    Any,
 }
 
 const STR: Shape = Shape::Str(5000);
@@ -276,6 +278,7 @@ fn check(value: &mut Value, shape: &Shape, path: &str) -> Result<(), ApiError> {
                 }
             }
         }
+        Shape::Any => {}
         Shape::Range => {
             if value.is_object() {
                 const BOUNDS: Shape = Shape::Obj(&[

@@ -1,10 +1,8 @@
 //! In-memory emulator state: objects per account, idempotency records, faults and
 //! request statistics. Nothing here is ever written to disk.
 //!
-//! Layout for what comes later: authorizations, transactions and events get their own
-//! [`ObjectStore`]s in [`AccountState`]; webhook endpoints and their secrets live next
-//! to them; test helpers under `/v1/test_helpers/issuing/…` are routes that mutate
-//! those stores.
+//! Authorizations and transactions live per account next to cards; events (with their
+//! delivery log) and the webhook endpoint are global, in [`State`].
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,8 +10,12 @@ use serde_json::{Value, json};
 
 use super::faults::FaultState;
 use super::idempotency::IdempotencyStore;
+use super::ids;
+use super::resources::authorization::Authorization;
 use super::resources::card::Card;
 use super::resources::cardholder::Cardholder;
+use super::resources::transaction::Transaction;
+use super::webhooks::{self, Delivery, EventRecord, WebhookConfig};
 
 /// Which Stripe account a request acts on: the platform (no `Stripe-Account`
 /// header) or a connected account.
@@ -101,16 +103,26 @@ impl<T: StoredObject> ObjectStore<T> {
 pub struct AccountState {
     pub cardholders: ObjectStore<Cardholder>,
     pub cards: ObjectStore<Card>,
-    // later: authorizations, transactions, events, webhook endpoints
+    pub authorizations: ObjectStore<Authorization>,
+    pub transactions: ObjectStore<Transaction>,
 }
 
 impl AccountState {
     fn counts(&self) -> Value {
         json!({
+            "issuing.authorization": self.authorizations.len(),
             "issuing.card": self.cards.len(),
             "issuing.cardholder": self.cardholders.len(),
+            "issuing.transaction": self.transactions.len(),
         })
     }
+}
+
+/// The API request an event comes from (`event.request`).
+#[derive(Debug, Default, Clone)]
+pub struct RequestInfo {
+    pub id: Option<String>,
+    pub idempotency_key: Option<String>,
 }
 
 /// Per-route request counters.
@@ -184,16 +196,109 @@ pub struct State {
     pub idempotency: IdempotencyStore,
     pub faults: FaultState,
     pub stats: Stats,
+    /// The webhook endpoint, if any.
+    pub webhook: Option<WebhookConfig>,
+    /// Every event, in creation order, with its delivery log.
+    pub events: Vec<EventRecord>,
+    event_index: HashMap<String, usize>,
+    /// Regular events created by the running request, handed to delivery afterwards.
+    pub outbox: Vec<String>,
+    /// The request being executed (for `event.request`).
+    pub request: RequestInfo,
 }
 
 impl State {
     pub fn new(faults: FaultState) -> Self {
+        Self::with_webhook(faults, None)
+    }
+
+    pub fn with_webhook(faults: FaultState, webhook: Option<WebhookConfig>) -> Self {
         Self {
             accounts: BTreeMap::new(),
             idempotency: IdempotencyStore::default(),
             faults,
             stats: Stats::default(),
+            webhook,
+            events: Vec::new(),
+            event_index: HashMap::new(),
+            outbox: Vec::new(),
+            request: RequestInfo::default(),
         }
+    }
+
+    pub fn event(&self, id: &str) -> Option<&EventRecord> {
+        self.event_index.get(id).map(|&i| &self.events[i])
+    }
+
+    pub fn update_event(&mut self, id: &str, f: impl FnOnce(&mut EventRecord)) {
+        if let Some(&i) = self.event_index.get(id) {
+            f(&mut self.events[i]);
+        }
+    }
+
+    fn record_event(
+        &mut self,
+        account: &AccountKey,
+        kind: &str,
+        object: Value,
+        previous: Option<Value>,
+        realtime: bool,
+    ) -> String {
+        let id = ids::object_id("evt_");
+        let created = ids::now_unix();
+        let configured = self
+            .webhook
+            .as_ref()
+            .is_some_and(|w| !realtime || w.realtime);
+        let body = webhooks::envelope(
+            &id,
+            kind,
+            account,
+            created,
+            object,
+            previous,
+            u32::from(configured),
+            self.request.id.as_deref(),
+            self.request.idempotency_key.as_deref(),
+        );
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        self.event_index.insert(id.clone(), self.events.len());
+        self.events.push(EventRecord {
+            id: id.clone(),
+            kind: kind.to_owned(),
+            account: account.clone(),
+            created,
+            body: bytes.into(),
+            realtime,
+            delivery: if configured {
+                Delivery::Pending
+            } else {
+                Delivery::NotSent
+            },
+            attempts: 0,
+            last_response: None,
+        });
+        id
+    }
+
+    /// Create a regular event; it is delivered after the request completes.
+    pub fn emit(
+        &mut self,
+        account: &AccountKey,
+        kind: &str,
+        object: Value,
+        previous: Option<Value>,
+    ) -> String {
+        let id = self.record_event(account, kind, object, previous, false);
+        if self.webhook.is_some() {
+            self.outbox.push(id.clone());
+        }
+        id
+    }
+
+    /// Create an `issuing_authorization.request` event (sent synchronously by the caller).
+    pub fn emit_realtime(&mut self, account: &AccountKey, object: Value) -> String {
+        self.record_event(account, "issuing_authorization.request", object, None, true)
     }
 
     pub fn account(&mut self, key: &AccountKey) -> &mut AccountState {
@@ -211,6 +316,8 @@ impl State {
     pub fn stats_json(&self) -> Value {
         let cards: usize = self.accounts.values().map(|a| a.cards.len()).sum();
         let cardholders: usize = self.accounts.values().map(|a| a.cardholders.len()).sum();
+        let authorizations: usize = self.accounts.values().map(|a| a.authorizations.len()).sum();
+        let transactions: usize = self.accounts.values().map(|a| a.transactions.len()).sum();
         let accounts: serde_json::Map<String, Value> = self
             .accounts
             .iter()
@@ -236,9 +343,12 @@ impl State {
             .collect();
         json!({
             "objects": {
+                "issuing.authorization": authorizations,
                 "issuing.card": cards,
                 "issuing.cardholder": cardholders,
+                "issuing.transaction": transactions,
             },
+            "events": self.events.len(),
             "accounts": accounts,
             "requests": routes,
             "unmatched_requests": self.stats.unmatched,

@@ -128,5 +128,51 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// The pure part of a real-time authorization decision (the control plane adds its ledger
+/// reads and one write around it).
+fn bench_authorization(c: &mut Criterion) {
+    use roony::domain::money::Currency;
+    use roony::policy::authorization::{
+        AuthCardHistory, AuthIntent, AuthRequest, decide_authorization,
+    };
+    let intent = AuthIntent {
+        intent_id: "pur_1".into(),
+        status: "approved".into(),
+        currency: Currency::USD,
+        limit: 1_212,
+        merchant_name: "Namecheap".into(),
+        merchant_domain: Some("namecheap.com".into()),
+        merchant_country: Some("US".into()),
+        merchant_category: None,
+        expires_at: Some(2_000_000_000),
+        agent_frozen: false,
+    };
+    let request = AuthRequest {
+        amount: 1_200,
+        currency: "usd".into(),
+        merchant_name: "PAYPAL *NAMECHEAP.COM".into(),
+        merchant_url: None,
+        merchant_country: Some("US".into()),
+        merchant_category: Some("computer_network_services".into()),
+        merchant_network_id: Some("net_1".into()),
+    };
+    let card = AuthCardHistory::default();
+    c.bench_function("authorization_decide_approve", |b| {
+        b.iter(|| {
+            decide_authorization(
+                &intent,
+                &card,
+                std::hint::black_box(&request),
+                1_795_335_491,
+            )
+        })
+    });
+    let mut wrong = request.clone();
+    wrong.merchant_name = "GIFTCARDS4U LTD".into();
+    c.bench_function("authorization_decide_wrong_merchant", |b| {
+        b.iter(|| decide_authorization(&intent, &card, std::hint::black_box(&wrong), 1_795_335_491))
+    });
+}
+
+criterion_group!(benches, bench, bench_authorization);
 criterion_main!(benches);

@@ -91,7 +91,7 @@ pub struct SidecarArgs {
     pub offline_limit: u64,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ControlArgs {
     #[arg(
         long,
@@ -109,6 +109,46 @@ pub struct ControlArgs {
     /// Make sure an admin token with this value exists (at least 20 characters).
     #[arg(long, env = "ROONY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Signing secret of the Stripe webhook endpoint (`whsec_…`); repeat it (or separate by
+    /// commas in the env var) while rotating secrets. Without one, webhooks answer 503.
+    #[arg(
+        long = "stripe-webhook-secret",
+        env = "ROONY_STRIPE_WEBHOOK_SECRETS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub stripe_webhook_secrets: Vec<String>,
+    /// Deadline of a real-time authorization decision, in milliseconds (declined with
+    /// `internal_error` when it is not made in time; Stripe waits 2 s).
+    #[arg(
+        long,
+        env = "ROONY_REALTIME_DEADLINE_MS",
+        default_value_t = crate::control::DEFAULT_REALTIME_DEADLINE_MS
+    )]
+    pub realtime_deadline_ms: u64,
+}
+
+/// Secrets (the database URL's password, the admin token, webhook secrets) redacted.
+impl std::fmt::Debug for ControlArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlArgs")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(crate::control::redact_url),
+            )
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "stripe_webhook_secrets",
+                &format!("<{} redacted>", self.stripe_webhook_secrets.len()),
+            )
+            .field("realtime_deadline_ms", &self.realtime_deadline_ms)
+            .finish()
+    }
 }
 
 impl ControlArgs {
@@ -119,6 +159,13 @@ impl ControlArgs {
         }
         c.listen = self.listen;
         c.bootstrap_admin_token = self.admin_token.clone();
+        c.stripe_webhook_secrets = self
+            .stripe_webhook_secrets
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        c.realtime_deadline = std::time::Duration::from_millis(self.realtime_deadline_ms);
         c
     }
 }

@@ -251,6 +251,11 @@ async fn migrations_apply(ctx: Ctx) {
         "sidecars",
         "config_revision",
         "budget_leases",
+        "stripe_events",
+        "authorizations",
+        "discrepancies",
+        "intent_updates",
+        "intent_update_seq",
     ] {
         assert!(tables.iter().any(|x| x == t), "{t} missing: {tables:?}");
     }
@@ -275,6 +280,13 @@ async fn migrations_apply(ctx: Ctx) {
         "intents_project_sidecar_status",
         "budget_leases_sidecar",
         "admin_tokens_created",
+        "authorizations_intent",
+        "authorizations_card",
+        "settlements_intent",
+        "settlements_card",
+        "discrepancies_kind_created",
+        "discrepancies_agent_created",
+        "intent_updates_project_seq",
     ] {
         assert!(indexes.iter().any(|x| x == i), "{i} missing: {indexes:?}");
     }

@@ -17,11 +17,11 @@ use utoipa_axum::routes;
 
 use super::db::{
     ADMIN_TOKEN_USE_RESOLUTION, Actor, AdminTokenRevoke, AgentFilter, AuditFilter, ControlDb,
-    DbError, LedgerFilter,
+    DbError, DiscrepancyFilter, LedgerFilter,
 };
 use super::model::{
-    AdminToken, Agent, AgentKey, AuditEvent, Budget, BudgetLease, BudgetScope, Cursor, Decision,
-    Intent, Organization, PolicyRevision, Project, Sidecar,
+    AdminToken, Agent, AgentKey, AuditEvent, Authorization, Budget, BudgetLease, BudgetScope,
+    Cursor, Decision, Discrepancy, Intent, Organization, PolicyRevision, Project, Sidecar,
 };
 use crate::api::{ApiError, ApiJson, MAX_BODY_BYTES};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
@@ -42,6 +42,7 @@ const INTENT_STATUSES: &[&str] = &[
     "expired",
     "failed",
     "issuing",
+    "settled",
 ];
 const DECISION_OUTCOMES: &[&str] = &["approved", "declined", "pending_approval"];
 
@@ -1272,6 +1273,178 @@ async fn list_decisions(
     }))
 }
 
+// ----- settlement (Stripe) -------------------------------------------------------------
+
+const DISCREPANCY_KINDS: &[&str] = &[
+    "over_capture",
+    "force_capture",
+    "capture_on_inactive_intent",
+    "merchant_mismatch",
+    "unmatched_refund",
+    "unknown_card",
+    "orphan_card",
+];
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AuthorizationPage {
+    pub items: Vec<Authorization>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuthorizationParams {
+    pub intent_id: Option<String>,
+    /// Stripe card id (`ic_…`).
+    pub card_id: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// List Issuing authorizations (real-time decisions and what Stripe reported), newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/authorizations",
+    tag = "settlement",
+    params(AuthorizationParams),
+    responses(
+        (status = 200, body = AuthorizationPage),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_authorizations(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+    q: Result<Query<AuthorizationParams>, QueryRejection>,
+) -> Result<Json<AuthorizationPage>, AdminError> {
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
+    let cursor = page_cursor(&q.cursor)?;
+    let page = state
+        .db
+        .list_authorizations(q.intent_id, q.card_id, limit, cursor)
+        .await?;
+    Ok(Json(AuthorizationPage {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DiscrepancyPage {
+    pub items: Vec<Discrepancy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DiscrepancyParams {
+    /// `over_capture`, `force_capture`, `capture_on_inactive_intent`, `merchant_mismatch`,
+    /// `unmatched_refund`, `unknown_card` or `orphan_card`.
+    pub kind: Option<String>,
+    pub agent_id: Option<String>,
+    pub project_id: Option<String>,
+    pub intent_id: Option<String>,
+    /// `true`: resolved only; `false`: open only.
+    pub resolved: Option<bool>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// Kept with the discrepancy and in the audit trail.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// List discrepancies (money that moved differently from what was approved), newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/discrepancies",
+    tag = "settlement",
+    params(DiscrepancyParams),
+    responses(
+        (status = 200, body = DiscrepancyPage),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_discrepancies(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+    q: Result<Query<DiscrepancyParams>, QueryRejection>,
+) -> Result<Json<DiscrepancyPage>, AdminError> {
+    let q = query(q)?;
+    one_of("kind", &q.kind, DISCREPANCY_KINDS)?;
+    let limit = page_limit(q.limit)?;
+    let cursor = page_cursor(&q.cursor)?;
+    let filter = DiscrepancyFilter {
+        kind: q.kind,
+        agent_id: q.agent_id,
+        project_id: q.project_id,
+        intent_id: q.intent_id,
+        resolved: q.resolved,
+    };
+    let page = state.db.list_discrepancies(&filter, limit, cursor).await?;
+    Ok(Json(DiscrepancyPage {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// Mark a discrepancy resolved (the agent stays frozen until unfrozen).
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/discrepancies/{id}/resolve",
+    tag = "settlement",
+    params(("id" = String, Path, description = "Discrepancy id (`dsc_…`)")),
+    request_body(content = Option<ResolveRequest>, description = "Optional note"),
+    responses(
+        (status = 200, body = Discrepancy),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+        (status = 409, description = "Already resolved", body = AdminErrorBody),
+        (status = 415, body = AdminErrorBody),
+        (status = 422, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn resolve_discrepancy(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    id: Result<Path<String>, PathRejection>,
+    req: Result<OptionalJson<ResolveRequest>, AdminError>,
+) -> Result<Json<Discrepancy>, AdminError> {
+    let id = path(id, "discrepancy")?;
+    let OptionalJson(req) = req?;
+    check_note("note", &req.note)?;
+    let d = state
+        .db
+        .resolve_discrepancy(&id, req.note.as_deref(), &actor, now())
+        .await
+        .map_err(|e| match e {
+            DbError::Conflict(m) => {
+                AdminError::new(StatusCode::CONFLICT, "discrepancy_already_resolved", m)
+            }
+            other => other.into(),
+        })?;
+    Ok(Json(d))
+}
+
 // ----- audit ---------------------------------------------------------------------------
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -1653,6 +1826,7 @@ impl Modify for SecurityAddon {
         (name = "policies", description = "Versioned policies"),
         (name = "budgets", description = "Budgets of organizations, projects and agents"),
         (name = "ledger", description = "Intents, decisions, approvals"),
+        (name = "settlement", description = "Stripe authorizations and discrepancies"),
         (name = "audit", description = "The audit trail"),
         (name = "sidecars", description = "Sidecar identities for sync"),
         (name = "admin_tokens", description = "Admin API tokens"),
@@ -1680,6 +1854,9 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(approve_intent))
         .routes(routes!(deny_intent))
         .routes(routes!(list_decisions))
+        .routes(routes!(list_authorizations))
+        .routes(routes!(list_discrepancies))
+        .routes(routes!(resolve_discrepancy))
         .routes(routes!(list_audit_events))
         .routes(routes!(create_sidecar, list_sidecars))
         .routes(routes!(revoke_sidecar))
@@ -1731,6 +1908,16 @@ pub fn router_with_stop(db: ControlDb, stopping: tokio::sync::watch::Receiver<bo
             axum::routing::post(super::sync::leases).layer(axum::extract::DefaultBodyLimit::max(
                 super::sync::MAX_SYNC_BODY_BYTES,
             )),
+        )
+        .route(
+            crate::sync::wire::UPDATES_PATH,
+            axum::routing::get(super::sync::updates),
+        )
+        .route(
+            super::webhooks::PATH,
+            axum::routing::post(super::webhooks::stripe).layer(
+                axum::extract::DefaultBodyLimit::max(super::webhooks::MAX_BODY_BYTES),
+            ),
         )
         .route("/healthz", axum::routing::get(healthz))
         .fallback(not_found)

@@ -39,7 +39,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "admin tokens",
         include_str!("../../migrations/0004_admin_tokens.sql"),
     ),
+    (
+        5,
+        "stripe webhooks",
+        include_str!("../../migrations/0005_stripe_webhooks.sql"),
+    ),
 ];
+
+mod stripe;
+pub use stripe::{AuthInputs, DiscrepancyFilter};
 
 /// Which database a [`ControlDb`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +249,11 @@ pub struct ControlDb {
     /// The last configuration revision this process committed (wakes long-polls at once;
     /// changes made by other replicas are found by polling `config_revision`).
     changes: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
+    /// The last seq of the updates feed this process committed (wakes feed long-polls).
+    updates: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
+    /// Stripe webhook settings (secrets, real-time deadline) of the server using this
+    /// database.
+    webhooks: std::sync::Arc<super::webhooks::WebhookConfig>,
 }
 
 /// A sidecar as the sync endpoints authenticate it.
@@ -316,11 +329,25 @@ impl ControlDb {
         }
         migrator().run(&pool).await?;
         let (changes, _) = tokio::sync::watch::channel(0);
+        let (updates, _) = tokio::sync::watch::channel(0);
         Ok(ControlDb {
             pool,
             backend,
             changes: std::sync::Arc::new(changes),
+            updates: std::sync::Arc::new(updates),
+            webhooks: Default::default(),
         })
+    }
+
+    /// This database with the Stripe webhook settings its server uses.
+    pub fn with_webhooks(mut self, config: super::webhooks::WebhookConfig) -> ControlDb {
+        self.webhooks = std::sync::Arc::new(config);
+        self
+    }
+
+    /// The Stripe webhook settings (see [`ControlDb::with_webhooks`]).
+    pub fn webhook_config(&self) -> &super::webhooks::WebhookConfig {
+        &self.webhooks
     }
 
     pub fn backend(&self) -> Backend {
@@ -913,6 +940,20 @@ impl ControlDb {
         now: i64,
     ) -> Result<Agent, DbError> {
         let mut tx = self.tx().await?;
+        Self::set_frozen_in(&mut tx, agent_id, frozen, actor, now).await?;
+        self.commit_config(tx).await?;
+        self.get_agent(agent_id).await
+    }
+
+    /// The statements of [`ControlDb::set_agent_frozen`], inside a transaction the caller
+    /// commits with a configuration-revision bump.
+    async fn set_frozen_in(
+        conn: &mut sqlx::AnyConnection,
+        agent_id: &str,
+        frozen: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), DbError> {
         let status = if frozen.is_some() { "frozen" } else { "active" };
         let n = sqlx::query(
             "UPDATE agents SET status = $1, frozen_reason = $2, updated_at = $3 WHERE id = $4",
@@ -921,14 +962,14 @@ impl ControlDb {
         .bind(frozen.map(str::to_string))
         .bind(now)
         .bind(agent_id.to_string())
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
         if n == 0 {
             return Err(DbError::NotFound("agent"));
         }
         Self::audit(
-            &mut tx,
+            conn,
             actor,
             if frozen.is_some() {
                 "agent.freeze"
@@ -940,9 +981,7 @@ impl ControlDb {
             serde_json::json!({"reason": frozen}),
             now,
         )
-        .await?;
-        self.commit_config(tx).await?;
-        self.get_agent(agent_id).await
+        .await
     }
 
     // ----- policies ---------------------------------------------------------------------
@@ -1996,13 +2035,14 @@ impl ControlDb {
         let applied = sqlx::query(
             "INSERT INTO intents (id, org_id, project_id, agent_id, status, amount, currency, merchant_name, \
              merchant_domain, merchant_country, description, decision_id, reasons, created_at, updated_at, \
-             version, sidecar_id, sidecar_status, reserved, status_reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19) \
+             version, sidecar_id, sidecar_status, reserved, status_reason, merchant_category, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19, $20, $21) \
              ON CONFLICT (id) DO UPDATE SET \
              status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
-                 THEN intents.status ELSE excluded.status END, \
+                 THEN intents.status WHEN intents.status = 'settled' THEN intents.status ELSE excluded.status END, \
              amount = excluded.amount, currency = excluded.currency, merchant_name = excluded.merchant_name, \
              merchant_domain = excluded.merchant_domain, merchant_country = excluded.merchant_country, \
+             merchant_category = excluded.merchant_category, expires_at = excluded.expires_at, \
              description = excluded.description, \
              decision_id = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.decision_id \
                  ELSE excluded.decision_id END, \
@@ -2032,6 +2072,8 @@ impl ControlDb {
         .bind(sidecar.id.clone())
         .bind(i.reserved)
         .bind(i.status_reason.clone())
+        .bind(i.merchant_category.clone())
+        .bind(i.expires_at)
         .fetch_optional(&mut *conn)
         .await?;
         let mut admin_decided = false;
@@ -2068,7 +2110,8 @@ impl ControlDb {
                     "INSERT INTO cards (id, intent_id, agent_id, stripe_card_id, last4, exp_month, exp_year, \
                      spending_limit, currency, status, created_at, updated_at) \
                      VALUES ($1, $2, $3, $1, $4, $5, $6, $7, $8, $9, $10, $10) \
-                     ON CONFLICT (stripe_card_id) DO UPDATE SET status = excluded.status, \
+                     ON CONFLICT (stripe_card_id) DO UPDATE SET \
+                     status = CASE WHEN cards.status = 'canceled' THEN cards.status ELSE excluded.status END, \
                      spending_limit = excluded.spending_limit, updated_at = excluded.updated_at \
                      WHERE cards.intent_id = excluded.intent_id",
                 )
@@ -2282,7 +2325,7 @@ impl ControlDb {
 
 const INTENT_COLUMNS: &str = "id, org_id, project_id, agent_id, status, amount, currency, merchant_name, merchant_domain, \
      merchant_country, description, decision_id, reasons, created_at, updated_at, version, reserved, sidecar_id, \
-     sidecar_status, status_reason";
+     sidecar_status, status_reason, merchant_category, expires_at, captured, refunded, pending";
 const BUDGET_COLUMNS: &str =
     "b.id, b.scope, b.scope_id, b.period, b.currency, b.limit_amount, b.created_at, b.updated_at";
 const DECISION_COLUMNS: &str = "id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, actor_id, note, \
@@ -2308,6 +2351,7 @@ const SIDECAR_STATUSES: &[&str] = &[
     "failed",
     "canceled",
     "expired",
+    "settled",
 ];
 
 /// The audit action of an event: its own when well-formed, else `intent.event`.
@@ -2478,6 +2522,11 @@ fn intent_from_row(r: &AnyRow) -> Result<Intent, DbError> {
         sidecar_id: r.try_get("sidecar_id")?,
         sidecar_status: r.try_get("sidecar_status")?,
         status_reason: r.try_get("status_reason")?,
+        merchant_category: r.try_get("merchant_category")?,
+        expires_at: r.try_get("expires_at")?,
+        captured: r.try_get("captured")?,
+        refunded: r.try_get("refunded")?,
+        pending: r.try_get("pending")?,
     })
 }
 

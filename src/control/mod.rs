@@ -9,6 +9,7 @@ pub mod api;
 pub mod db;
 pub mod model;
 pub mod sync;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,7 +31,16 @@ pub struct ControlConfig {
     pub bootstrap_admin_token: Option<String>,
     /// Name (author) recorded for the bootstrap token.
     pub bootstrap_admin_name: String,
+    /// Signing secrets of the Stripe webhook endpoint (`whsec_…`); two while one is being
+    /// rotated. None: `POST /api/webhooks/stripe` answers `503 webhooks_not_configured`.
+    pub stripe_webhook_secrets: Vec<String>,
+    /// How long a real-time authorization decision may take before it is declined
+    /// (`internal_error`); Stripe waits 2 s.
+    pub realtime_deadline: std::time::Duration,
 }
+
+/// Default deadline of a real-time authorization decision.
+pub const DEFAULT_REALTIME_DEADLINE_MS: u64 = 1500;
 
 impl std::fmt::Debug for ControlConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,6 +52,11 @@ impl std::fmt::Debug for ControlConfig {
                 &self.bootstrap_admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("bootstrap_admin_name", &self.bootstrap_admin_name)
+            .field(
+                "stripe_webhook_secrets",
+                &format!("<{} redacted>", self.stripe_webhook_secrets.len()),
+            )
+            .field("realtime_deadline", &self.realtime_deadline)
             .finish()
     }
 }
@@ -54,6 +69,8 @@ impl ControlConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
             bootstrap_admin_token: None,
             bootstrap_admin_name: "bootstrap".into(),
+            stripe_webhook_secrets: Vec::new(),
+            realtime_deadline: std::time::Duration::from_millis(DEFAULT_REALTIME_DEADLINE_MS),
         }
     }
 }
@@ -121,7 +138,12 @@ pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
             source,
         })?;
     }
-    let db = ControlDb::open(&config.database_url).await?;
+    let db = ControlDb::open(&config.database_url)
+        .await?
+        .with_webhooks(webhooks::WebhookConfig {
+            secrets: config.stripe_webhook_secrets.clone(),
+            realtime_deadline: config.realtime_deadline,
+        });
     let now = unix_now();
     db.ensure_default_org(now).await?;
     if let Some(key) = bootstrap {

@@ -136,7 +136,8 @@ pub struct Intent {
     pub org_id: String,
     pub project_id: String,
     pub agent_id: String,
-    /// `pending_approval`, `approved`, `declined`, `canceled`, `expired`, `failed`, `issuing`.
+    /// `pending_approval`, `approved`, `declined`, `canceled`, `expired`, `failed`,
+    /// `issuing` or `settled` (captured at Stripe, card canceled, nothing pending).
     pub status: String,
     /// Minor units.
     pub amount: i64,
@@ -169,6 +170,18 @@ pub struct Intent {
     /// Reason code of the last status change at the sidecar (e.g. `card_issuance_failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
+    /// Stripe merchant category the purchase named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_category: Option<String>,
+    /// Unix seconds when the purchase's card (or pending approval) expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Captured on the purchase's card at Stripe, minor units (Stripe webhooks).
+    pub captured: i64,
+    /// Refunded, minor units.
+    pub refunded: i64,
+    /// Approved authorizations not yet captured, reversed or expired, minor units.
+    pub pending: i64,
 }
 
 /// An intent to record in the ledger (as a sidecar decided it).
@@ -251,6 +264,149 @@ pub struct AuditEvent {
     pub request_id: Option<String>,
     pub created_at: i64,
     pub details: serde_json::Value,
+}
+
+// ----- Stripe webhooks ----------------------------------------------------------------
+
+/// An Issuing authorization as Roony decided it (real time) or Stripe reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Authorization {
+    /// Stripe id (`iauth_…`).
+    pub id: String,
+    /// Stripe card id (`ic_…`).
+    pub card_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    /// Approved (or requested, if declined), minor units.
+    pub amount: i64,
+    /// ISO 4217 as Stripe sends it (lower case).
+    pub currency: String,
+    pub approved: bool,
+    /// `pending`, `closed`, `reversed` or `expired`.
+    pub status: String,
+    pub merchant_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_city: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_country: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_network_id: Option<String>,
+    /// Roony's reason codes (`decided_by: roony`) or Stripe's request reasons.
+    pub reasons: Vec<String>,
+    /// `roony` (real-time decision) or `stripe`.
+    pub decided_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Money that moved differently from what was approved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Discrepancy {
+    pub id: String,
+    /// `over_capture`, `force_capture`, `capture_on_inactive_intent`, `merchant_mismatch`,
+    /// `unmatched_refund`, `unknown_card` or `orphan_card`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    /// The Stripe object (`iauth_…`, `ipi_…`, `ic_…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripe_object_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    pub details: serde_json::Value,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution_note: Option<String>,
+}
+
+/// A Stripe event's envelope (what deduplication and the audit trail need).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeEventMeta {
+    pub id: String,
+    pub kind: String,
+    pub account: Option<String>,
+    pub created: i64,
+}
+
+/// `merchant_data` of an authorization or transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MerchantData {
+    pub name: String,
+    pub url: Option<String>,
+    pub city: Option<String>,
+    pub country: Option<String>,
+    pub category: Option<String>,
+    pub network_id: Option<String>,
+}
+
+/// An Issuing card as an event carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StripeCard {
+    pub id: String,
+    /// `active`, `inactive` or `canceled`.
+    pub status: Option<String>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub last4: Option<String>,
+    pub exp_month: Option<i64>,
+    pub exp_year: Option<i64>,
+}
+
+/// An Issuing authorization as an event carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeAuthorization {
+    pub id: String,
+    pub card: StripeCard,
+    /// `amount` of the object (held, minor units).
+    pub amount: i64,
+    pub currency: String,
+    pub approved: bool,
+    pub status: String,
+    pub merchant: MerchantData,
+    /// `pending_request.amount` / `.currency` (real-time requests only).
+    pub pending_amount: Option<i64>,
+    pub pending_currency: Option<String>,
+    /// `request_history[].reason`, in order, without repeats.
+    pub request_reasons: Vec<String>,
+    /// The last `request_history[].amount`.
+    pub last_request_amount: Option<i64>,
+    pub created: i64,
+}
+
+/// An Issuing transaction as an event carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeTransaction {
+    pub id: String,
+    pub card_id: String,
+    pub authorization_id: Option<String>,
+    /// `capture` or `refund`.
+    pub kind: String,
+    /// Positive minor units: spent (capture) or credited (refund).
+    pub amount: i64,
+    pub currency: String,
+    pub merchant: MerchantData,
+    pub created: i64,
 }
 
 /// Position in a newest-first listing: the last row returned.

@@ -258,3 +258,66 @@ fn with_etag(mut resp: Response, etag: &str) -> Response {
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
+
+#[derive(Deserialize)]
+pub struct UpdatesParams {
+    /// Updates with a larger seq (default 0: from the beginning).
+    pub after: Option<i64>,
+    /// Seconds to wait when there is none yet (0 to [`wire::MAX_WAIT_SECONDS`]; capped).
+    pub wait: Option<u64>,
+    /// Most updates to return (1 to [`wire::MAX_UPDATES_PER_FEED`]; default and cap 500).
+    pub limit: Option<u64>,
+}
+
+/// `GET /api/sync/v1/updates?after=<seq>&wait=<s>&limit=<n>`: the money state of the
+/// project's intents at Stripe, oldest first. Without any newer than `after`, waits up to
+/// `wait` seconds (woken by this process's commits, re-checked every [`POLL_INTERVAL`] for
+/// other replicas'), then answers an empty list with `next_after = after`.
+pub async fn updates(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    q: Result<Query<UpdatesParams>, QueryRejection>,
+) -> Result<Json<wire::UpdateFeed>, AdminError> {
+    let (sidecar, _) = authenticate(&state, &headers).await?;
+    let Query(params) =
+        q.map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let after = params.after.unwrap_or(0).max(0);
+    let limit = params
+        .limit
+        .unwrap_or(wire::MAX_UPDATES_PER_FEED as u64)
+        .clamp(1, wire::MAX_UPDATES_PER_FEED as u64);
+    let limit = i64::try_from(limit).unwrap_or(500);
+    let wait = Duration::from_secs(params.wait.unwrap_or(0).min(wire::MAX_WAIT_SECONDS));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut woken = state.db.subscribe_updates();
+    let mut stopping = state.stopping.clone();
+    let mut stop_alive = true;
+    loop {
+        woken.borrow_and_update();
+        let updates = state
+            .db
+            .list_intent_updates(&sidecar.project_id, after, limit)
+            .await?;
+        if let Some(last) = updates.last() {
+            return Ok(Json(wire::UpdateFeed {
+                format: wire::FORMAT,
+                next_after: last.seq,
+                updates,
+            }));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline || *stopping.borrow() {
+            return Ok(Json(wire::UpdateFeed {
+                format: wire::FORMAT,
+                updates: Vec::new(),
+                next_after: after,
+            }));
+        }
+        let step = POLL_INTERVAL.min(deadline - now);
+        tokio::select! {
+            _ = woken.changed() => {}
+            r = stopping.changed(), if stop_alive => stop_alive = r.is_ok(),
+            _ = tokio::time::sleep(step) => {}
+        }
+    }
+}

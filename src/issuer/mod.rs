@@ -416,6 +416,99 @@ impl Issuer {
         Ok(issued(card))
     }
 
+    /// Every Issuing card of the account, as Stripe's JSON (without number or CVC), newest
+    /// first. For reconciliation.
+    pub async fn list_cards_json(&self) -> Result<Vec<serde_json::Value>, IssuerError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .with_retries("list_cards", None, |strategy| {
+                    let mut req = stripe_issuing::issuing_card::ListIssuingCard::new().limit(100);
+                    if let Some(a) = &after {
+                        req = req.starting_after(a.clone());
+                    }
+                    req.customize()
+                        .request_strategy(strategy)
+                        .send(&self.client)
+                })
+                .await?;
+            after = page.data.last().map(|c| c.id.as_str().to_string());
+            for card in &page.data {
+                out.push(to_json(card)?);
+            }
+            if !page.has_more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every Issuing authorization created at or after `since` (Unix seconds), as Stripe's
+    /// JSON.
+    pub async fn list_authorizations_json(
+        &self,
+        since: i64,
+    ) -> Result<Vec<serde_json::Value>, IssuerError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .with_retries("list_authorizations", None, |strategy| {
+                    let mut req =
+                        stripe_issuing::issuing_authorization::ListIssuingAuthorization::new()
+                            .limit(100)
+                            .created(stripe_types::RangeQueryTs::gte(since));
+                    if let Some(a) = &after {
+                        req = req.starting_after(a.clone());
+                    }
+                    req.customize()
+                        .request_strategy(strategy)
+                        .send(&self.client)
+                })
+                .await?;
+            after = page.data.last().map(|a| a.id.as_str().to_string());
+            for a in &page.data {
+                out.push(to_json(a)?);
+            }
+            if !page.has_more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every Issuing transaction created at or after `since` (Unix seconds), as Stripe's
+    /// JSON.
+    pub async fn list_transactions_json(
+        &self,
+        since: i64,
+    ) -> Result<Vec<serde_json::Value>, IssuerError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .with_retries("list_transactions", None, |strategy| {
+                    let mut req =
+                        stripe_issuing::issuing_transaction::ListIssuingTransaction::new()
+                            .limit(100)
+                            .created(stripe_types::RangeQueryTs::gte(since));
+                    if let Some(a) = &after {
+                        req = req.starting_after(a.clone());
+                    }
+                    req.customize()
+                        .request_strategy(strategy)
+                        .send(&self.client)
+                })
+                .await?;
+            after = page.data.last().map(|t| t.id.as_str().to_string());
+            for t in &page.data {
+                out.push(to_json(t)?);
+            }
+            if !page.has_more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Cancels a card. A card that is already canceled counts as success.
     pub async fn cancel_card(&self, card_id: &str) -> Result<(), IssuerError> {
         let key = format!("roony-cancel-{card_id}");
@@ -496,6 +589,14 @@ pub fn cardholder_name(agent_name: &str) -> String {
     } else {
         name
     }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, IssuerError> {
+    serde_json::to_value(v).map_err(|e| IssuerError::Rejected {
+        status: 200,
+        code: Some("unserializable_object".into()),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ impl AuthReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthIntent {
     pub intent_id: String,
-    /// `approved` (card usable); anything else declines.
+    /// `approved` or `issuing` (card usable); anything else declines.
     pub status: String,
     pub currency: Currency,
     /// The card's spending limit: the approved amount plus buffer, minor units.
@@ -173,7 +173,9 @@ pub fn decide_authorization(
     now: i64,
 ) -> AuthDecision {
     let mut reasons = Vec::new();
-    if intent.status != "approved" {
+    // `issuing`: approved, the card exists at Stripe and the sidecar is recording it — a
+    // merchant may well charge it before the sidecar's next event arrives.
+    if intent.status != "approved" && intent.status != "issuing" {
         reasons.push(AuthReason::new(
             AuthReasonCode::IntentNotActive,
             format!(

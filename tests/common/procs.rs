@@ -326,7 +326,6 @@ impl PgSchema {
     }
 }
 
-
 /// `roony stripe-emulator` sending its events (and real-time requests) to `webhook_url`.
 pub fn emulator(dir: &Path, webhook_url: &str, secret: &str) -> Proc {
     let log = dir.join(format!("emulator-{}.log", super::unique()));

@@ -90,9 +90,15 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let emulator_handle = Emulator::new(EmulatorConfig::default());
     let emulator = tokio::spawn(
-        Emulator::new(EmulatorConfig::default()).serve(emulator_listener, stopped(stop_rx.clone())),
+        emulator_handle
+            .clone()
+            .serve(emulator_listener, stopped(stop_rx.clone())),
     );
+    // The emulator sends its events (and real-time authorization requests) to the control
+    // plane, signed with a secret made for this run.
+    let webhook_secret = format!("whsec_dev_{}", hex::encode(rand::random::<[u8; 16]>()));
 
     let control_config = {
         let mut c = crate::control::ControlConfig::sqlite_in(&args.data_dir.join("control-plane"));
@@ -105,6 +111,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
                 .unwrap_or_else(crate::control::generate_admin_token),
         );
         c.bootstrap_admin_name = "dev".into();
+        c.stripe_webhook_secrets = vec![webhook_secret.clone()];
         c
     };
     let control_db = crate::control::open(&control_config)
@@ -113,6 +120,10 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let control = match tokio::net::TcpListener::bind(control_config.listen).await {
         Ok(listener) => {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            emulator_handle.set_webhook(Some(crate::emulator::webhooks::WebhookConfig::new(
+                format!("http://{addr}/api/webhooks/stripe"),
+                vec![webhook_secret.clone()],
+            )));
             let task = tokio::spawn(crate::control::serve_db(
                 control_db.clone(),
                 listener,
@@ -211,6 +222,8 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
          Buy something:\n  curl -s {base}/api/v1/purchase_intent -H 'Authorization: Bearer {key}' \\\n    \
          -H 'Content-Type: application/json' \\\n    \
          -d '{{\"amount\":1200,\"currency\":\"usd\",\"merchant\":{{\"name\":\"Namecheap\",\"url\":\"https://www.namecheap.com\",\"country\":\"US\"}},\"description\":\"one domain for a year\"}}'\n\n\
+         Play the merchant (card id from the purchase): roony simulate charge --card ic_... --amount 1200 \\\n    \
+         --merchant NAMECHEAP.COM --merchant-country US --capture --stripe-base-url http://{emulator_addr}\n\
          See the budget:  curl -s {base}/api/v1/budget -H 'Authorization: Bearer {key}'\n\
          API spec:        {base}/openapi.json\n\
          MCP:             {base}/mcp (streamable HTTP, same key), or `roony mcp` over stdio\n\n\

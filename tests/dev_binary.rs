@@ -129,6 +129,57 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
         .unwrap_or_else(|| panic!("no card in {mcp}"))
         .to_string();
 
+    // The merchant charges the first card and captures (`roony simulate charge`, as the
+    // README says): the emulator asks the control plane in real time, the capture settles
+    // the intent at the sidecar. With trace logging on, so the scan below also covers the
+    // webhook traffic.
+    let emulator = wait_for(&stderr_path, "stripe emulator listening on")
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_roony"))
+        .args(["simulate", "charge", "--card"])
+        .arg(approved["card"]["id"].as_str().unwrap())
+        .args(["--amount", "1200", "--merchant", "NAMECHEAP.COM"])
+        .args(["--merchant-country", "US", "--capture", "--stripe-base-url"])
+        .arg(&emulator)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let intent_url = format!(
+        "{base}/api/v1/purchase_intents/{}",
+        approved["id"].as_str().unwrap()
+    );
+    let charged = std::time::Instant::now();
+    loop {
+        let v: Value = client
+            .get(&intent_url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "settled" {
+            assert_eq!(v["settlement"]["spent"], 1200, "{v}");
+            break;
+        }
+        assert!(
+            charged.elapsed() < Duration::from_secs(10),
+            "the capture did not settle the intent: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The control plane is the source of truth: an admin's policy edit reaches the sidecar
     // within a second.
     let mut policy = roony::dev::demo_policy();

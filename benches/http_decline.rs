@@ -153,6 +153,8 @@ fn main() {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("ROONY_DEV_AGENT_KEY", key)
+            // The load comes from one key on purpose: measure the decision, not the limiter.
+            .env("ROONY_RATE_LIMIT_PER_SECOND", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))

@@ -99,6 +99,7 @@ fn bench(c: &mut Criterion) {
         committed: [10_000, 30_000, 90_000, 200_000],
         velocity_counts: vec![3, 20],
         shared: vec![],
+        history: Default::default(),
     };
     let now = 1_795_335_491;
     c.bench_function("policy_evaluate_50_rules_approve", |b| {
@@ -174,5 +175,133 @@ fn bench_authorization(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, bench_authorization);
+/// A full risk history: 256 earlier intents over 30 days at 8 merchants, some declined.
+fn full_history(now: i64) -> roony::policy::RiskHistory {
+    use roony::policy::{HistoryEntry, Outcome, RiskHistory, risk::HISTORY_LEN};
+    let entries = (0..HISTORY_LEN as i64)
+        .map(|i| HistoryEntry {
+            at: now - 30 * 86_400 + i * 10_000,
+            amount: 500 + (i * 37) % 2_000,
+            currency: Currency::USD,
+            merchant: format!("merchant {}", i % 8),
+            domain: Some(format!("shop{}.example.com", i % 8)),
+            category: Some("computer_software_stores".into()),
+            outcome: if i % 11 == 0 {
+                Outcome::Declined
+            } else {
+                Outcome::Approved
+            },
+        })
+        .collect();
+    RiskHistory { entries }
+}
+
+/// The risk score alone, and a whole decision, with a full 256-entry history; then the
+/// store's read path (history scan + usage + evaluate, in a read transaction).
+fn bench_risk(c: &mut Criterion) {
+    let policy = fifty_rule_policy().compile().expect("valid policy");
+    let now = 1_795_335_491;
+    let intent = PurchaseRequest {
+        amount: 1_200,
+        currency: "usd".into(),
+        merchant: MerchantInput {
+            name: "Namecheap".into(),
+            url: Some("https://www.namecheap.com/checkout".into()),
+            country: Some("US".into()),
+            mcc: Some("5734".into()),
+            ..Default::default()
+        },
+        description: "a domain".into(),
+        line_items: vec![],
+        idempotency_key: None,
+    }
+    .validate(None)
+    .expect("valid intent");
+    let history = full_history(now);
+    c.bench_function("risk_score_full_history", |b| {
+        b.iter(|| roony::policy::risk::score(&policy, std::hint::black_box(&intent), &history, now))
+    });
+    let usage = Usage {
+        committed: [10_000, 30_000, 90_000, 200_000],
+        velocity_counts: vec![3, 20],
+        shared: vec![],
+        history,
+    };
+    c.bench_function("policy_evaluate_50_rules_full_risk_history", |b| {
+        b.iter(|| {
+            evaluate(
+                &policy,
+                std::hint::black_box(&intent),
+                &usage,
+                AgentState::default(),
+                now,
+            )
+        })
+    });
+
+    // The store: an agent with 256 recorded intents; `preview` reads the usage buckets, the
+    // velocity index and the risk history, then evaluates (no write, no fsync).
+    use roony::store::{AgentRecord, AgentStatus, DecideOptions, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("bench.redb")).expect("store");
+    let mut p = fifty_rule_policy();
+    p.merchants.allow_domains.clear();
+    p.budgets.clear();
+    p.velocity.clear();
+    p.require_approval_above = None;
+    p.risk.require_approval_above = 100;
+    p.risk.decline_above = 100;
+    store
+        .put_agent(&AgentRecord {
+            id: "agt_bench".into(),
+            name: "bench".into(),
+            status: AgentStatus::Active,
+            policy: p,
+            created: now,
+        })
+        .expect("agent");
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let ids = || {
+        format!(
+            "pur_{:026}",
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        )
+    };
+    for i in 0..300i64 {
+        let mut it = intent.clone();
+        it.amount.amount = 500 + (i * 37) % 2_000;
+        it.merchant.normalized_name = format!("merchant {}", i % 8);
+        store
+            .decide(
+                "agt_bench",
+                it,
+                now - 30 * 86_400 + i * 8_000,
+                &ids,
+                DecideOptions::default(),
+            )
+            .expect("decide");
+    }
+    assert_eq!(
+        store
+            .risk_history("agt_bench")
+            .expect("history")
+            .entries
+            .len(),
+        256
+    );
+    c.bench_function("store_preview_full_risk_history", |b| {
+        b.iter(|| {
+            store
+                .preview(
+                    "agt_bench",
+                    std::hint::black_box(&intent),
+                    Default::default(),
+                    now,
+                )
+                .expect("preview")
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_authorization, bench_risk);
 criterion_main!(benches);

@@ -39,6 +39,9 @@ pub enum Command {
     Agent(AgentCommand),
     /// Print the agent API's OpenAPI document.
     Openapi,
+    /// The tamper-evident audit trail: `roony audit verify` checks a chain end to end.
+    #[command(subcommand)]
+    Audit(crate::audit::cli::AuditCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -72,6 +75,8 @@ pub struct SidecarArgs {
     pub stripe: StripeArgs,
     #[command(flatten)]
     pub mcp: McpHostArgs,
+    #[command(flatten)]
+    pub rate_limit: crate::ratelimit::RateLimitArgs,
     /// The control plane to sync policies from (long-poll). Without it (and a sidecar
     /// token) the sidecar runs standalone with the agents of `roony agent create`.
     #[arg(long, env = "ROONY_CONTROL_PLANE_URL", requires = "sidecar_token")]
@@ -126,6 +131,24 @@ pub struct ControlArgs {
         default_value_t = crate::control::DEFAULT_REALTIME_DEADLINE_MS
     )]
     pub realtime_deadline_ms: u64,
+    /// Stripe secret or restricted key for reconciliation (listing cards, authorizations and
+    /// transactions; canceling orphan cards). Without one, reconciliation is off.
+    #[arg(long, env = "ROONY_STRIPE_API_KEY", hide_env_values = true)]
+    pub stripe_api_key: Option<String>,
+    /// Stripe API base URL (default api.stripe.com); the emulator's for local runs.
+    #[arg(long, env = "ROONY_STRIPE_BASE_URL")]
+    pub stripe_base_url: Option<String>,
+    /// Connected account the cards are issued on (Stripe-Account header).
+    #[arg(long, env = "ROONY_STRIPE_ACCOUNT")]
+    pub stripe_account: Option<String>,
+    /// Seconds between reconciliation runs with Stripe (0: only on demand, through
+    /// `POST /api/admin/v1/reconcile`).
+    #[arg(
+        long,
+        env = "ROONY_RECONCILE_INTERVAL_SECONDS",
+        default_value_t = crate::control::reconcile::DEFAULT_INTERVAL_SECONDS
+    )]
+    pub reconcile_interval_seconds: u64,
 }
 
 /// Secrets (the database URL's password, the admin token, webhook secrets) redacted.
@@ -147,6 +170,16 @@ impl std::fmt::Debug for ControlArgs {
                 &format!("<{} redacted>", self.stripe_webhook_secrets.len()),
             )
             .field("realtime_deadline_ms", &self.realtime_deadline_ms)
+            .field(
+                "stripe_api_key",
+                &self.stripe_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("stripe_base_url", &self.stripe_base_url)
+            .field("stripe_account", &self.stripe_account)
+            .field(
+                "reconcile_interval_seconds",
+                &self.reconcile_interval_seconds,
+            )
             .finish()
     }
 }
@@ -166,6 +199,17 @@ impl ControlArgs {
             .filter(|s| !s.is_empty())
             .collect();
         c.realtime_deadline = std::time::Duration::from_millis(self.realtime_deadline_ms);
+        c.stripe = self
+            .stripe_api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|key| {
+                let mut s = StripeConfig::new(key, self.stripe_base_url.clone());
+                s.account = self.stripe_account.clone();
+                s
+            });
+        c.reconcile_interval = std::time::Duration::from_secs(self.reconcile_interval_seconds);
         c
     }
 }
@@ -259,6 +303,9 @@ pub fn main() -> ExitCode {
     if let Command::Simulate(command) = &cli.command {
         return runtime.block_on(crate::simulate::run_cli(command));
     }
+    if let Command::Audit(command) = &cli.command {
+        return runtime.block_on(crate::audit::cli::run(command));
+    }
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -301,6 +348,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 stripe: args.stripe.config(),
                 billing: BillingAddress::default(),
                 mcp: args.mcp.config(),
+                rate_limits: args.rate_limit.config(),
             };
             let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
             let service = sidecar::build_service(store, &config).map_err(|e| e.to_string())?;
@@ -322,6 +370,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 service,
                 config.listen,
                 config.mcp.clone(),
+                config.rate_limits,
                 shutdown_signal(),
             )
             .await
@@ -360,6 +409,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Simulate(_) => Err("`roony simulate` runs from main".into()),
+        Command::Audit(_) => Err("`roony audit` runs from main".into()),
         Command::Mcp(args) => {
             crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
                 .await

@@ -50,6 +50,8 @@ pub struct DevArgs {
     pub agent_key: Option<String>,
     #[command(flatten)]
     pub mcp: crate::cli::McpHostArgs,
+    #[command(flatten)]
+    pub rate_limit: crate::ratelimit::RateLimitArgs,
 }
 
 /// The demo agent's policy: USD 100.00 per purchase, USD 250.00 a day, no gambling, and
@@ -149,6 +151,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         stripe: StripeConfig::new(DEV_STRIPE_KEY, Some(format!("http://{emulator_addr}"))),
         billing: BillingAddress::default(),
         mcp: args.mcp.config(),
+        rate_limits: args.rate_limit.config(),
     };
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
     let service = sidecar::build_service(store.clone(), &config).map_err(|e| e.to_string())?;
@@ -186,6 +189,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         service,
         config.listen,
         config.mcp.clone(),
+        config.rate_limits,
         stopped(stop_rx.clone()),
     )
     .await

@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the codemap and the invariants each module keeps.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod emulator;
 pub mod issuer;
 pub mod mcp;
 pub mod policy;
+pub mod ratelimit;
 pub mod service;
 pub mod sidecar;
 pub mod simulate;

@@ -15,6 +15,8 @@ pub struct SidecarConfig {
     pub stripe: StripeConfig,
     pub billing: BillingAddress,
     pub mcp: crate::mcp::http::McpHttpConfig,
+    /// Limits per agent key and per source address (see `crate::ratelimit`).
+    pub rate_limits: crate::ratelimit::RateLimitConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum StartError {
 pub fn open_store(data_dir: &Path) -> Result<Store, StartError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| StartError::DataDir(data_dir.to_path_buf(), e))?;
+    // `start` audits every request into `audit.redb` here (`crate::audit`).
+    crate::audit::http::register_data_dir(data_dir);
     Ok(Store::open(&data_dir.join("sidecar.redb"))?)
 }
 
@@ -92,13 +96,28 @@ pub struct Running {
     pub background: tokio::task::JoinHandle<()>,
 }
 
-/// The sidecar's HTTP app: the agent OpenAPI and MCP at `/mcp`.
+/// The sidecar's HTTP app: the agent OpenAPI and MCP at `/mcp`, **without rate limits**
+/// (tests, or behind a limiter of your own); [`app_with_limits`] is what `roony sidecar`
+/// serves.
 pub fn app(
     service: Service,
     mcp: crate::mcp::http::McpHttpConfig,
 ) -> Result<axum::Router, StartError> {
+    app_with_limits(service, mcp, crate::ratelimit::RateLimitConfig::disabled())
+}
+
+/// The sidecar's HTTP app with every agent-facing route (the OpenAPI, `/openapi.json` and
+/// `/mcp`; not `/healthz`) behind one rate limiter: per agent key for requests whose key
+/// authenticates, per source address for the rest. Serve it with `crate::api::serve` (which
+/// provides the peer address).
+pub fn app_with_limits(
+    service: Service,
+    mcp: crate::mcp::http::McpHttpConfig,
+    limits: crate::ratelimit::RateLimitConfig,
+) -> Result<axum::Router, StartError> {
     let mcp = crate::mcp::http::router(service.clone(), mcp).map_err(StartError::Mcp)?;
-    Ok(mcp.merge(crate::api::router(service)))
+    let app = mcp.merge(crate::api::router(service.clone()));
+    Ok(crate::ratelimit::HttpLimiter::new(service, limits).apply(app))
 }
 
 /// Binds, starts background tasks and serves the agent API and MCP until `shutdown`
@@ -107,6 +126,7 @@ pub async fn start(
     service: Service,
     listen: SocketAddr,
     mcp: crate::mcp::http::McpHttpConfig,
+    limits: crate::ratelimit::RateLimitConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -115,7 +135,10 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Listen(listen, e))?;
-    let app = app(service.clone(), mcp)?;
+    let app = app_with_limits(service.clone(), mcp, limits)?;
+    // Every request audited (outermost: rate-limited ones too), see `crate::audit`.
+    let app = crate::audit::http::apply_process_log(app)
+        .map_err(|e| StartError::DataDir(PathBuf::from("audit.redb"), std::io::Error::other(e)))?;
     let background = service.spawn_background();
     let server = tokio::spawn(crate::api::serve(listener, app, shutdown));
     Ok(Running {

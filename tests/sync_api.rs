@@ -210,6 +210,8 @@ fn snapshot(id: &str, agent: &str, version: i64, status: &str) -> wire::IntentSn
             }],
             decided_at: 1_000,
         },
+        risk_score: None,
+        risk_signals: vec![],
         status_reason: (status == "canceled").then(|| "canceled_by_agent".into()),
         card: (version > 1 && status != "pending_approval").then(|| wire::CardSnapshot {
             stripe_card_id: format!("ic_{id}"),

@@ -303,6 +303,8 @@ impl Ctx {
                 reasons: vec!["within_policy".into()],
                 decided_at: now(),
             },
+            risk_score: None,
+            risk_signals: vec![],
             status_reason: None,
             card: Some(wire::CardSnapshot {
                 stripe_card_id: format!("ic_{n}"),

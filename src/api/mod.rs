@@ -39,6 +39,10 @@ impl FromRequestParts<AppState> for Agent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already authenticated by the rate limiter (`crate::ratelimit`) for this request.
+        if let Some(crate::ratelimit::Authenticated(agent)) = parts.extensions.get() {
+            return Ok(Agent(agent.clone()));
+        }
         let presented = bearer(&parts.headers);
         Ok(Agent(state.service.authenticate(presented)?))
     }
@@ -149,6 +153,7 @@ pub struct PurchaseResponse {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid field; `field` names it", body = ErrorBody),
+        (status = 429, description = "Rate limited (per agent key, or per address without a valid key); retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying (at least 1)"))),
         (status = 502, description = "Approved, but the card could not be created; nothing reserved", body = PurchaseResponse),
         (status = 503, description = "Card issuer unavailable", body = ErrorBody),
     ),
@@ -224,6 +229,7 @@ async fn create_purchase_intent(
         (status = 200, body = IntentView),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 429, description = "Rate limited (per agent key, or per address without a valid key); retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying (at least 1)"))),
     ),
     security(("agent_key" = []))
 )]
@@ -257,6 +263,7 @@ pub struct ListParams {
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "Unknown `starting_after`", body = ErrorBody),
+        (status = 429, description = "Rate limited (per agent key, or per address without a valid key); retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying (at least 1)"))),
     ),
     security(("agent_key" = []))
 )]
@@ -294,6 +301,7 @@ async fn list_purchase_intents(
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "Not cancelable in its state", body = ErrorBody),
+        (status = 429, description = "Rate limited (per agent key, or per address without a valid key); retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying (at least 1)"))),
         (status = 503, body = ErrorBody),
     ),
     security(("agent_key" = []))
@@ -312,7 +320,11 @@ async fn cancel_purchase_intent(
     get,
     path = "/api/v1/budget",
     tag = "budgets",
-    responses((status = 200, body = BudgetView), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 200, body = BudgetView),
+        (status = 401, body = ErrorBody),
+        (status = 429, description = "Rate limited (per agent key, or per address without a valid key); retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying (at least 1)"))),
+    ),
     security(("agent_key" = []))
 )]
 async fn get_budget(
@@ -440,6 +452,8 @@ pub async fn serve(
         // Small request/response exchanges: do not wait to coalesce segments.
         let _ = tcp.set_nodelay(true);
     });
+    // The peer address is what unauthenticated requests are rate limited by.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -21,7 +21,8 @@ use super::db::{
 };
 use super::model::{
     AdminToken, Agent, AgentKey, AuditEvent, Authorization, Budget, BudgetLease, BudgetScope,
-    Cursor, Decision, Discrepancy, Intent, Organization, PolicyRevision, Project, Sidecar,
+    Cursor, Decision, Discrepancy, Intent, Organization, PolicyRevision, Project,
+    ReconciliationRun, Sidecar,
 };
 use crate::api::{ApiError, ApiJson, MAX_BODY_BYTES};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
@@ -211,7 +212,14 @@ impl FromRequestParts<AdminState> for Admin {
                     kind: "admin_token",
                     id: r.id,
                     name: r.name,
-                    request_id: Some(new_id("req")),
+                    // The request's id (see `super::audit`), shared with its request event.
+                    request_id: Some(
+                        parts
+                            .extensions
+                            .get::<crate::audit::http::RequestId>()
+                            .map(|r| r.0.clone())
+                            .unwrap_or_else(|| new_id("req")),
+                    ),
                 }))
             }
             _ => Err(invalid()),
@@ -1445,6 +1453,134 @@ async fn resolve_discrepancy(
     Ok(Json(d))
 }
 
+// ----- reconciliation --------------------------------------------------------------------
+
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// Compare the authorizations and transactions created at or after this (Unix seconds).
+    /// Default: the last successful run's start minus one day, or 30 days back on the first
+    /// run. Cards are always all compared.
+    #[serde(default)]
+    pub since: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ReconciliationPage {
+    pub items: Vec<ReconciliationRun>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReconciliationParams {
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Reconcile with Stripe now: compare Stripe's cards, authorizations and transactions with
+/// the ledger, adopt or cancel orphan cards, record what the webhooks missed, and return the
+/// report (also stored; `status: failed` with `report.error` if Stripe or the database
+/// failed midway).
+#[utoipa::path(
+    post,
+    path = "/api/admin/v1/reconcile",
+    tag = "settlement",
+    request_body(content = Option<ReconcileRequest>, description = "Optional `since`"),
+    responses(
+        (status = 200, body = ReconciliationRun),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+        (status = 409, description = "`stripe_not_configured` or `reconciliation_running`", body = AdminErrorBody),
+        (status = 415, body = AdminErrorBody),
+        (status = 422, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn reconcile(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    req: Result<OptionalJson<ReconcileRequest>, AdminError>,
+) -> Result<Json<ReconciliationRun>, AdminError> {
+    let OptionalJson(req) = req?;
+    if let Some(since) = req.since
+        && !(0..=now() + 86_400).contains(&since)
+    {
+        return Err(AdminError::invalid(
+            "since",
+            "since must be unix seconds, not in the future",
+        ));
+    }
+    match super::reconcile::run_now(&state.db, req.since, &actor).await {
+        Ok(run) => Ok(Json(run)),
+        Err(super::reconcile::ReconcileError::NotConfigured) => Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "stripe_not_configured",
+            "reconciliation needs stripe credentials (--stripe-api-key)",
+        )),
+        Err(super::reconcile::ReconcileError::Running) => Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "reconciliation_running",
+            "a reconciliation is already running; try again when it has finished",
+        )),
+        Err(super::reconcile::ReconcileError::Db(e)) => Err(e.into()),
+    }
+}
+
+/// List reconciliation runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/reconciliations",
+    tag = "settlement",
+    params(ReconciliationParams),
+    responses(
+        (status = 200, body = ReconciliationPage),
+        (status = 400, body = AdminErrorBody),
+        (status = 401, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_reconciliations(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+    q: Result<Query<ReconciliationParams>, QueryRejection>,
+) -> Result<Json<ReconciliationPage>, AdminError> {
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
+    let cursor = page_cursor(&q.cursor)?;
+    let page = state.db.list_reconciliation_runs(limit, cursor).await?;
+    Ok(Json(ReconciliationPage {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// One reconciliation run with its report.
+#[utoipa::path(
+    get,
+    path = "/api/admin/v1/reconciliations/{id}",
+    tag = "settlement",
+    params(("id" = String, Path, description = "Run id (`rcn_…`)")),
+    responses(
+        (status = 200, body = ReconciliationRun),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn get_reconciliation(
+    State(state): State<AdminState>,
+    Admin(_admin): Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ReconciliationRun>, AdminError> {
+    let id = path(id, "reconciliation")?;
+    Ok(Json(state.db.get_reconciliation_run(&id).await?))
+}
+
 // ----- audit ---------------------------------------------------------------------------
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -1826,7 +1962,7 @@ impl Modify for SecurityAddon {
         (name = "policies", description = "Versioned policies"),
         (name = "budgets", description = "Budgets of organizations, projects and agents"),
         (name = "ledger", description = "Intents, decisions, approvals"),
-        (name = "settlement", description = "Stripe authorizations and discrepancies"),
+        (name = "settlement", description = "Stripe authorizations, discrepancies and reconciliation"),
         (name = "audit", description = "The audit trail"),
         (name = "sidecars", description = "Sidecar identities for sync"),
         (name = "admin_tokens", description = "Admin API tokens"),
@@ -1857,6 +1993,9 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(list_authorizations))
         .routes(routes!(list_discrepancies))
         .routes(routes!(resolve_discrepancy))
+        .routes(routes!(reconcile))
+        .routes(routes!(list_reconciliations))
+        .routes(routes!(get_reconciliation))
         .routes(routes!(list_audit_events))
         .routes(routes!(create_sidecar, list_sidecars))
         .routes(routes!(revoke_sidecar))
@@ -1883,6 +2022,16 @@ pub fn router(db: ControlDb) -> Router {
 
 /// [`router`], with long-polls ending when `stopping` becomes `true`.
 pub fn router_with_stop(db: ControlDb, stopping: tokio::sync::watch::Receiver<bool>) -> Router {
+    let audit = super::audit::RequestAudit::new(db.clone());
+    router_with_audit(db, stopping, audit)
+}
+
+/// [`router_with_stop`], every request audited through `audit` (flush it after serving).
+pub fn router_with_audit(
+    db: ControlDb,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    audit: super::audit::RequestAudit,
+) -> Router {
     let (router, spec) = api_router().split_for_parts();
     let spec_json = spec.to_pretty_json().unwrap_or_default();
     router
@@ -1933,6 +2082,11 @@ pub fn router_with_stop(db: ControlDb, stopping: tokio::sync::watch::Receiver<bo
             .into_response()
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Outermost: sees every response (panics and body-limit rejections included).
+        .layer(axum::middleware::from_fn_with_state(
+            audit,
+            super::audit::audit_request,
+        ))
 }
 
 async fn healthz(State(state): State<AdminState>) -> Response {

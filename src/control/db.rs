@@ -44,9 +44,21 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "stripe webhooks",
         include_str!("../../migrations/0005_stripe_webhooks.sql"),
     ),
+    (
+        6,
+        "reconciliation",
+        include_str!("../../migrations/0006_reconciliation.sql"),
+    ),
+    (
+        7,
+        "audit chain",
+        include_str!("../../migrations/0007_audit_chain.sql"),
+    ),
 ];
 
+mod reconcile;
 mod stripe;
+pub use reconcile::ReconcileCardView;
 pub use stripe::{AuthInputs, DiscrepancyFilter};
 
 /// Which database a [`ControlDb`] talks to.
@@ -254,6 +266,8 @@ pub struct ControlDb {
     /// Stripe webhook settings (secrets, real-time deadline) of the server using this
     /// database.
     webhooks: std::sync::Arc<super::webhooks::WebhookConfig>,
+    /// Stripe access for reconciliation (`None`: reconciliation is off) and its lock.
+    reconcile: std::sync::Arc<super::reconcile::ReconcileState>,
 }
 
 /// A sidecar as the sync endpoints authenticate it.
@@ -302,6 +316,14 @@ fn migrator() -> Migrator {
 impl ControlDb {
     /// Opens (creating if needed) the database at `url` and applies the migrations.
     pub async fn open(url: &str) -> Result<ControlDb, DbError> {
+        let db = Self::connect(url).await?;
+        migrator().run(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// Connects to the database at `url` without applying migrations (`roony audit
+    /// verify` reads what is there).
+    pub async fn connect(url: &str) -> Result<ControlDb, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -327,7 +349,6 @@ impl ControlDb {
                 .execute(&pool)
                 .await?;
         }
-        migrator().run(&pool).await?;
         let (changes, _) = tokio::sync::watch::channel(0);
         let (updates, _) = tokio::sync::watch::channel(0);
         Ok(ControlDb {
@@ -336,6 +357,7 @@ impl ControlDb {
             changes: std::sync::Arc::new(changes),
             updates: std::sync::Arc::new(updates),
             webhooks: Default::default(),
+            reconcile: Default::default(),
         })
     }
 
@@ -348,6 +370,17 @@ impl ControlDb {
     /// The Stripe webhook settings (see [`ControlDb::with_webhooks`]).
     pub fn webhook_config(&self) -> &super::webhooks::WebhookConfig {
         &self.webhooks
+    }
+
+    /// This database with the Stripe access (and interval) reconciliation uses.
+    pub fn with_reconciliation(mut self, config: super::reconcile::ReconcileConfig) -> ControlDb {
+        self.reconcile = std::sync::Arc::new(super::reconcile::ReconcileState::new(Some(config)));
+        self
+    }
+
+    /// Reconciliation settings and lock (see [`ControlDb::with_reconciliation`]).
+    pub fn reconcile_state(&self) -> &super::reconcile::ReconcileState {
+        &self.reconcile
     }
 
     pub fn backend(&self) -> Backend {
@@ -442,23 +475,146 @@ impl ControlDb {
         details: serde_json::Value,
         now: i64,
     ) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        Self::append_audit(
+            conn,
+            crate::audit::Entry {
+                id: new_id("aud"),
+                at: now,
+                actor_type: actor.kind.to_string(),
+                actor_id: actor.id.clone(),
+                action: action.to_string(),
+                target_type: target_type.to_string(),
+                target_id: target_id.to_string(),
+                outcome: outcome.to_string(),
+                request_id: actor.request_id.clone(),
+                details,
+            },
         )
-        .bind(new_id("aud"))
-        .bind(actor.kind)
-        .bind(actor.id.clone())
-        .bind(action.to_string())
-        .bind(target_type.to_string())
-        .bind(target_id.to_string())
-        .bind(outcome.to_string())
-        .bind(actor.request_id.clone())
-        .bind(now)
-        .bind(details.to_string())
+        .await
+    }
+
+    /// Appends one event to the audit chain, inside the caller's transaction: takes the
+    /// chain's row lock (`UPDATE audit_chain … RETURNING`, held until the transaction
+    /// ends, so appends are serialized across transactions and replicas), links the event
+    /// after the head (details scrubbed, hash computed here) and inserts it.
+    pub(crate) async fn append_audit(
+        conn: &mut sqlx::AnyConnection,
+        entry: crate::audit::Entry,
+    ) -> Result<(), DbError> {
+        let row = sqlx::query(
+            "UPDATE audit_chain SET seq = seq + 1 WHERE id = 1 RETURNING seq, head",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let seq: i64 = row.try_get("seq")?;
+        let head: String = row.try_get("head")?;
+        let seq = u64::try_from(seq)
+            .map_err(|_| DbError::Corrupt(format!("audit chain seq {seq}")))?;
+        let event = entry.link(seq, &head);
+        sqlx::query("UPDATE audit_chain SET head = $1 WHERE id = 1")
+            .bind(event.hash.clone())
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details, chain_seq, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(event.id)
+        .bind(event.actor_type)
+        .bind(event.actor_id)
+        .bind(event.action)
+        .bind(event.target_type)
+        .bind(event.target_id)
+        .bind(event.outcome)
+        .bind(event.request_id)
+        .bind(event.at)
+        .bind(event.details.to_string())
+        .bind(i64::try_from(event.seq).unwrap_or(i64::MAX))
+        .bind(event.prev_hash)
+        .bind(event.hash)
         .execute(&mut *conn)
         .await?;
         Ok(())
+    }
+
+    /// Appends `entries` (request events) to the audit chain in one transaction.
+    pub async fn append_audit_events(
+        &self,
+        entries: Vec<crate::audit::Entry>,
+    ) -> Result<(), DbError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.tx().await?;
+        for entry in entries {
+            Self::append_audit(&mut tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Reads the audit chain in order (pages of 1000) and verifies it end to end, then
+    /// compares its end with `audit_chain`'s head. Events from before the chain existed
+    /// (`chain_seq` NULL) are not part of it.
+    pub async fn verify_audit_chain(
+        &self,
+    ) -> Result<Result<crate::audit::VerifyReport, crate::audit::BrokenLink>, DbError> {
+        let mut v = crate::audit::Verifier::new();
+        let mut after: i64 = 0;
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details, chain_seq, prev_hash, hash \
+                 FROM audit_events WHERE chain_seq > $1 ORDER BY chain_seq LIMIT 1000",
+            )
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                let seq: i64 = r.try_get("chain_seq")?;
+                after = seq;
+                let id: String = r.try_get("id")?;
+                let details: String = r.try_get("details")?;
+                let Ok(details) = serde_json::from_str(&details) else {
+                    return Ok(Err(crate::audit::BrokenLink {
+                        seq: u64::try_from(seq).unwrap_or(0),
+                        id,
+                        reason: "hash_mismatch",
+                    }));
+                };
+                let event = crate::audit::AuditEvent {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    id,
+                    at: r.try_get("created_at")?,
+                    actor_type: r.try_get("actor_type")?,
+                    actor_id: r.try_get("actor_id")?,
+                    action: r.try_get("action")?,
+                    target_type: r.try_get("target_type")?,
+                    target_id: r.try_get("target_id")?,
+                    outcome: r.try_get("outcome")?,
+                    request_id: r.try_get("request_id")?,
+                    details,
+                    prev_hash: r
+                        .try_get::<Option<String>, _>("prev_hash")?
+                        .unwrap_or_default(),
+                    hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
+                };
+                if let Err(b) = v.check(&event) {
+                    return Ok(Err(b));
+                }
+            }
+        }
+        let row = sqlx::query("SELECT seq, head FROM audit_chain WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let seq: i64 = row.try_get("seq")?;
+        let head: String = row.try_get("head")?;
+        if let Err(b) = v.check_head(u64::try_from(seq).unwrap_or(0), &head) {
+            return Ok(Err(b));
+        }
+        Ok(Ok(v.report()))
     }
 
     /// Audit events about one target (or all, newest first), at most `limit`.

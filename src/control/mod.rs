@@ -6,8 +6,10 @@
 //! shared budgets.
 
 pub mod api;
+pub mod audit;
 pub mod db;
 pub mod model;
+pub mod reconcile;
 pub mod sync;
 pub mod webhooks;
 
@@ -37,6 +39,11 @@ pub struct ControlConfig {
     /// How long a real-time authorization decision may take before it is declined
     /// (`internal_error`); Stripe waits 2 s.
     pub realtime_deadline: std::time::Duration,
+    /// Stripe access for reconciliation (`None`: off; `POST /api/admin/v1/reconcile`
+    /// answers `409 stripe_not_configured`).
+    pub stripe: Option<crate::issuer::StripeConfig>,
+    /// Period of the background reconciliation; zero: on demand only.
+    pub reconcile_interval: std::time::Duration,
 }
 
 /// Default deadline of a real-time authorization decision.
@@ -57,6 +64,8 @@ impl std::fmt::Debug for ControlConfig {
                 &format!("<{} redacted>", self.stripe_webhook_secrets.len()),
             )
             .field("realtime_deadline", &self.realtime_deadline)
+            .field("stripe", &self.stripe)
+            .field("reconcile_interval", &self.reconcile_interval)
             .finish()
     }
 }
@@ -71,6 +80,8 @@ impl ControlConfig {
             bootstrap_admin_name: "bootstrap".into(),
             stripe_webhook_secrets: Vec::new(),
             realtime_deadline: std::time::Duration::from_millis(DEFAULT_REALTIME_DEADLINE_MS),
+            stripe: None,
+            reconcile_interval: std::time::Duration::from_secs(reconcile::DEFAULT_INTERVAL_SECONDS),
         }
     }
 }
@@ -138,12 +149,19 @@ pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
             source,
         })?;
     }
-    let db = ControlDb::open(&config.database_url)
-        .await?
-        .with_webhooks(webhooks::WebhookConfig {
-            secrets: config.stripe_webhook_secrets.clone(),
-            realtime_deadline: config.realtime_deadline,
+    let mut db =
+        ControlDb::open(&config.database_url)
+            .await?
+            .with_webhooks(webhooks::WebhookConfig {
+                secrets: config.stripe_webhook_secrets.clone(),
+                realtime_deadline: config.realtime_deadline,
+            });
+    if let Some(stripe) = &config.stripe {
+        db = db.with_reconciliation(reconcile::ReconcileConfig {
+            stripe: stripe.clone(),
+            interval: config.reconcile_interval,
         });
+    }
     let now = unix_now();
     db.ensure_default_org(now).await?;
     if let Some(key) = bootstrap {
@@ -202,8 +220,15 @@ pub async fn serve_db(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let app = api::router_with_stop(db.clone(), stop_rx);
+    let audit = audit::RequestAudit::new(db.clone());
+    let app = api::router_with_audit(db.clone(), stop_rx, audit.clone());
+    // Periodic reconciliation (nothing when it is off), ended with the server.
+    let periodic = tokio::spawn(reconcile::periodic(db.clone()));
     let result = crate::api::serve(listener, app, shutdown).await;
+    periodic.abort();
+    let _ = periodic.await;
+    // The request events of the last requests, before the pool closes.
+    audit.flush().await;
     db.close().await;
     result.map_err(ControlError::Server)
 }

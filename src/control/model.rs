@@ -504,3 +504,75 @@ mod tests {
         assert_eq!(BudgetScope::parse("team"), None);
     }
 }
+
+// ----- reconciliation --------------------------------------------------------------------
+
+/// One difference between Stripe and the ledger that a reconciliation found, and what it
+/// did about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReconcileEntry {
+    /// `card_status_differs`, `card_adopted`, `orphan_card_canceled`,
+    /// `card_should_be_canceled`, `card_missing_at_stripe`, `authorization_missing`,
+    /// `authorization_differs`, `transaction_missing` or `transaction_differs`.
+    pub kind: String,
+    /// The Stripe object (`ic_…`, `iauth_…`, `ipi_…`).
+    pub stripe_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// What differed, in words.
+    pub detail: String,
+    /// `adopted` (card row inserted), `canceled` (card canceled at Stripe), `recorded`
+    /// (applied to the ledger as its webhook would have been), `failed` (the action was
+    /// tried and failed; see `detail`) or `none` (reported only).
+    pub action: String,
+}
+
+/// Counts of a reconciliation run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReconcileTotals {
+    /// Stripe cards looked at (Roony's and others).
+    pub cards_checked: i64,
+    /// Stripe cards that are not Roony's (no `roony_*` metadata, unknown to the ledger):
+    /// counted, never touched.
+    pub foreign_cards: i64,
+    pub authorizations_checked: i64,
+    pub transactions_checked: i64,
+    /// Cards inserted into the ledger.
+    pub adopted: i64,
+    /// Cards canceled at Stripe.
+    pub canceled: i64,
+    /// Objects applied to the ledger (card status, authorizations, transactions).
+    pub recorded: i64,
+    /// Entries in the report.
+    pub differences: i64,
+}
+
+/// What a reconciliation run compared and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReconcileReport {
+    /// Authorizations and transactions created at or after this (Unix seconds) were
+    /// compared; every card is.
+    pub since: i64,
+    pub totals: ReconcileTotals,
+    pub entries: Vec<ReconcileEntry>,
+    /// Why the run failed (`status: failed`); the entries found before stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A reconciliation run with its report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReconciliationRun {
+    /// `rcn_…`
+    pub id: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+    /// `ok` or `failed`.
+    pub status: String,
+    /// `system` (the periodic task) or `admin_token`.
+    pub actor_type: String,
+    pub actor_id: String,
+    pub report: ReconcileReport,
+}

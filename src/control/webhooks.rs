@@ -186,7 +186,7 @@ fn parse_merchant(v: Option<&Value>) -> MerchantData {
     }
 }
 
-fn parse_card(v: Option<&Value>) -> Option<StripeCard> {
+pub(crate) fn parse_card(v: Option<&Value>) -> Option<StripeCard> {
     match v? {
         Value::String(id) => Some(StripeCard {
             id: id.clone(),
@@ -215,7 +215,7 @@ fn parse_card(v: Option<&Value>) -> Option<StripeCard> {
     }
 }
 
-fn parse_authorization(o: &Value) -> Result<StripeAuthorization, AdminError> {
+pub(crate) fn parse_authorization(o: &Value) -> Result<StripeAuthorization, AdminError> {
     let (Some(id), Some(card)) = (text(o, "id"), parse_card(o.get("card"))) else {
         return Err(invalid("the authorization needs id and card"));
     };
@@ -249,7 +249,7 @@ fn parse_authorization(o: &Value) -> Result<StripeAuthorization, AdminError> {
     })
 }
 
-fn parse_transaction(o: &Value) -> Result<Option<StripeTransaction>, AdminError> {
+pub(crate) fn parse_transaction(o: &Value) -> Result<Option<StripeTransaction>, AdminError> {
     let (Some(id), Some(card_id), Some(amount)) =
         (text(o, "id"), id_of(o.get("card")), int(o, "amount"))
     else {

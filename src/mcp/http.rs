@@ -60,6 +60,12 @@ pub fn router(service: Service, config: McpHttpConfig) -> Result<axum::Router, S
 }
 
 async fn authenticate(State(service): State<Service>, mut req: Request, next: Next) -> Response {
+    // Already authenticated by the rate limiter (`crate::ratelimit`) for this request.
+    if let Some(crate::ratelimit::Authenticated(agent)) = req.extensions().get() {
+        let agent = agent.clone();
+        req.extensions_mut().insert(agent);
+        return next.run(req).await;
+    }
     let presented = crate::api::bearer(req.headers());
     match service.authenticate(presented) {
         Ok(agent) => {

@@ -165,11 +165,15 @@ fn summary(v: &IntentView) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let budget = if left.is_empty() {
+    let mut budget = if left.is_empty() {
         String::new()
     } else {
         format!(" Budget {left}.")
     };
+    if let Some(r) = v.risk.as_ref().filter(|r| r.score > 0) {
+        // Approvals mention an elevated risk score (declines and reviews say it in reasons).
+        budget.push_str(&format!(" Risk score {}: {}.", r.score, r.summary()));
+    }
     match v.status {
         StatusView::Approved => match &v.card {
             Some(c) if c.number.is_some() => format!(

@@ -6,6 +6,8 @@ use utoipa::ToSchema;
 
 use crate::domain::time::{Period, UnixSeconds};
 
+use super::risk::RiskAssessment;
+
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
 )]
@@ -56,6 +58,11 @@ pub enum ReasonCode {
     ApprovedByAdmin,
     /// A `pending_approval` intent denied by an administrator.
     DeniedByAdmin,
+    /// The intent's risk score is above the policy's `risk.decline_above`.
+    RiskTooHigh,
+    /// The intent's risk score is above the policy's `risk.require_approval_above`: waits
+    /// for an administrator.
+    RiskReviewRequired,
 }
 
 impl ReasonCode {
@@ -81,6 +88,8 @@ impl ReasonCode {
             ReasonCode::ControlPlaneUnreachable => "control_plane_unreachable",
             ReasonCode::ApprovedByAdmin => "approved_by_admin",
             ReasonCode::DeniedByAdmin => "denied_by_admin",
+            ReasonCode::RiskTooHigh => "risk_too_high",
+            ReasonCode::RiskReviewRequired => "risk_review_required",
         }
     }
 }
@@ -165,6 +174,9 @@ pub struct Decision {
     pub reserve: i64,
     /// Budgets after the decision (including the reservation when approved).
     pub budgets: Vec<BudgetStatus>,
+    /// The intent's risk score and its signals (`None` when the decision failed before
+    /// scoring, e.g. an unknown agent).
+    pub risk: Option<RiskAssessment>,
 }
 
 impl Decision {
@@ -175,6 +187,7 @@ impl Decision {
             reasons: vec![Reason::new(code, message)],
             reserve: 0,
             budgets: Vec::new(),
+            risk: None,
         }
     }
 }

@@ -5,9 +5,11 @@
 
 pub mod authorization;
 mod decision;
+pub mod risk;
 mod rules;
 
 pub use decision::{BudgetScope, BudgetStatus, Decision, Outcome, Reason, ReasonCode};
+pub use risk::{HistoryEntry, RiskAssessment, RiskHistory, RiskRule, RiskSignal, RiskSignalCode};
 pub use rules::{
     BudgetRule, CompiledPolicy, ListRule, MerchantRules, Policy, PolicyError, VelocityRule,
 };
@@ -30,6 +32,8 @@ pub struct Usage {
     /// Shared (project and organization) budgets in the intent's currency, as this sidecar
     /// holds them.
     pub shared: Vec<SharedUsage>,
+    /// The agent's recent intents, for the risk score.
+    pub history: RiskHistory,
 }
 
 /// A shared budget as one sidecar sees it: the allowance (lease) the control plane granted
@@ -93,6 +97,7 @@ pub fn evaluate(
     let mut reasons: Vec<Reason> = Vec::new();
     let amount = intent.amount;
     let currency = policy.currency;
+    let risk_assessment = risk::score(policy, intent, &usage.history, now);
 
     if agent.frozen {
         reasons.push(Reason::new(
@@ -206,30 +211,61 @@ pub fn evaluate(
         ));
     }
 
+    if risk_assessment.score > policy.risk.decline_above {
+        reasons.push(Reason::new(
+            ReasonCode::RiskTooHigh,
+            format!(
+                "risk score {} is above this agent's limit of {}: {}. {}",
+                risk_assessment.score,
+                policy.risk.decline_above,
+                risk_assessment.summary(),
+                risk_assessment.top_message().unwrap_or_default()
+            ),
+        ));
+    }
+
     if !reasons.is_empty() {
         return Decision {
             outcome: Outcome::Declined,
             reasons,
             reserve: 0,
             budgets,
+            risk: Some(risk_assessment),
         };
     }
 
     let reserve = amount.amount + buffer(policy, amount.amount, &budgets);
+    let mut pending = Vec::new();
     if let Some(threshold) = policy.require_approval_above
         && amount.amount > threshold
     {
+        pending.push(Reason::new(
+            ReasonCode::ApprovalRequired,
+            format!(
+                "purchases above {} need an administrator's approval; the amount is reserved while it waits",
+                Money::new(threshold, currency)
+            ),
+        ));
+    }
+    if risk_assessment.score > policy.risk.require_approval_above {
+        pending.push(Reason::new(
+            ReasonCode::RiskReviewRequired,
+            format!(
+                "risk score {} is above {}, so an administrator must review this purchase (the amount is reserved while it waits): {}. {}",
+                risk_assessment.score,
+                policy.risk.require_approval_above,
+                risk_assessment.summary(),
+                risk_assessment.top_message().unwrap_or_default()
+            ),
+        ));
+    }
+    if !pending.is_empty() {
         return Decision {
             outcome: Outcome::PendingApproval,
-            reasons: vec![Reason::new(
-                ReasonCode::ApprovalRequired,
-                format!(
-                    "purchases above {} need an administrator's approval; the amount is reserved while it waits",
-                    Money::new(threshold, currency)
-                ),
-            )],
+            reasons: pending,
             reserve,
             budgets: apply(budgets, reserve),
+            risk: Some(risk_assessment),
         };
     }
     if let Some(threshold) = policy.require_confirmation_above
@@ -247,6 +283,7 @@ pub fn evaluate(
             )],
             reserve,
             budgets: apply(budgets, reserve),
+            risk: Some(risk_assessment),
         };
     }
     Decision {
@@ -254,6 +291,7 @@ pub fn evaluate(
         reasons: vec![Reason::new(ReasonCode::WithinPolicy, "within policy")],
         reserve,
         budgets: apply(budgets, reserve),
+        risk: Some(risk_assessment),
     }
 }
 

@@ -8,6 +8,8 @@ use crate::domain::merchant::{normalize_country, normalize_domain, normalize_nam
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
 use crate::domain::time::Period;
 
+use super::risk::RiskRule;
+
 /// Most entries a single list may hold.
 pub const MAX_LIST_LEN: usize = 1000;
 
@@ -59,6 +61,11 @@ pub struct Policy {
     /// administrator looks.
     #[serde(default = "default_true")]
     pub freeze_on_discrepancy: bool,
+    /// Risk scoring: every decision carries a score (0–100) and its signals; above
+    /// `require_approval_above` (default 70) the purchase waits for an administrator, above
+    /// `decline_above` (default 90) it is declined. See docs/policy.md, "Risk".
+    #[serde(default, skip_serializing_if = "RiskRule::is_default")]
+    pub risk: RiskRule,
 }
 
 fn default_true() -> bool {
@@ -155,6 +162,7 @@ pub struct CompiledPolicy {
     pub card_ttl_seconds: u32,
     pub approval_ttl_seconds: u32,
     pub card_buffer_bps: u32,
+    pub risk: RiskRule,
 }
 
 impl Policy {
@@ -175,6 +183,7 @@ impl Policy {
             freeze_on_discrepancy: true,
             approval_ttl_seconds: default_approval_ttl(),
             card_buffer_bps: default_buffer_bps(),
+            risk: RiskRule::default(),
         }
     }
 
@@ -250,6 +259,11 @@ impl Policy {
         }
         if self.card_buffer_bps > 2_000 {
             err("card_buffer_bps".into(), "must be at most 2000 (20%)");
+        }
+        let mut risk_errors = Vec::new();
+        self.risk.check(&mut risk_errors);
+        for (field, reason) in risk_errors {
+            err(field, reason);
         }
 
         let mut list =
@@ -356,6 +370,7 @@ impl Policy {
             card_ttl_seconds: self.card_ttl_seconds,
             approval_ttl_seconds: self.approval_ttl_seconds,
             card_buffer_bps: self.card_buffer_bps,
+            risk: self.risk.clone(),
         })
     }
 }

@@ -5,7 +5,7 @@ use utoipa::ToSchema;
 
 use crate::domain::time::UnixSeconds;
 use crate::issuer::BillingAddress;
-use crate::policy::{BudgetStatus, Reason};
+use crate::policy::{BudgetStatus, Reason, RiskAssessment};
 use crate::store::{IntentRecord, IntentStatus};
 
 /// The merchant as Roony understood it (normalized).
@@ -107,6 +107,11 @@ pub struct IntentView {
     pub decision_id: String,
     /// Budgets as of the decision.
     pub budgets: Vec<BudgetStatus>,
+    /// The decision's risk score (0–100) and the signals behind it, each with its code,
+    /// contribution and a message. A score above the policy's thresholds makes the purchase
+    /// wait for review (`risk_review_required`) or declines it (`risk_too_high`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskAssessment>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub card: Option<CardView>,
     /// Unix seconds.
@@ -182,6 +187,7 @@ impl IntentView {
             reasons,
             decision_id: rec.decision.id.clone(),
             budgets: rec.decision.budgets.clone(),
+            risk: rec.decision.risk.clone(),
             card: rec.card.as_ref().map(|c| CardView {
                 id: c.id.clone(),
                 brand: c.brand.clone(),

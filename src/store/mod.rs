@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 use crate::domain::intent::PurchaseIntent;
 use crate::domain::time::{Period, UnixSeconds};
 use crate::policy::{
-    self, AgentState, BudgetStatus, CompiledPolicy, Confirmation, Decision, Outcome, PolicyError,
-    Reason, ReasonCode, SharedUsage, Usage,
+    self, AgentState, BudgetStatus, CompiledPolicy, Confirmation, Decision, HistoryEntry, Outcome,
+    PolicyError, Reason, ReasonCode, RiskHistory, SharedUsage, Usage,
 };
 use crate::sync::wire;
 pub use records::*;
@@ -58,6 +58,19 @@ const SHARED_BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("share
 const SHARED_USAGE: TableDefinition<(&str, i64), i64> = TableDefinition::new("shared_usage");
 /// (budget_id, bucket start) → allowance granted to this sidecar by the control plane.
 const LEASES: TableDefinition<(&str, i64), i64> = TableDefinition::new("leases");
+/// (agent_id, seq) → (at, amount, currency, normalized merchant name, domain, category,
+/// outcome tag): the agent's last `policy::risk::HISTORY_LEN` intents, for risk scores.
+/// Written in the decision's transaction; the oldest rows are evicted there too.
+const RISK_HISTORY: TableDefinition<(&str, u64), HistoryRow> = TableDefinition::new("risk_history");
+type HistoryRow = (
+    i64,
+    i64,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    u8,
+);
 
 pub const SCHEMA_VERSION: &str = "1";
 
@@ -219,6 +232,7 @@ impl Store {
             tx.open_table(SHARED_BUDGETS)?;
             tx.open_table(SHARED_USAGE)?;
             tx.open_table(LEASES)?;
+            tx.open_table(RISK_HISTORY)?;
         }
         tx.commit()?;
         Ok(Store {
@@ -512,11 +526,13 @@ impl Store {
                 &options.unreachable_budgets,
             )?
         };
+        let (history, seqs) = read_history(&tx.open_table(RISK_HISTORY)?, agent_id)?;
         let decision = decide_with(
             &agent,
             |p| {
                 let mut u = read_usage(&tx, agent_id, p, now)?;
                 u.shared = shared;
+                u.history = history;
                 Ok(u)
             },
             &intent,
@@ -579,6 +595,7 @@ impl Store {
                 reasons: decision.reasons,
                 budgets: decision.budgets,
                 decided_at: now,
+                risk: decision.risk,
             },
             reservation,
             card: None,
@@ -598,6 +615,10 @@ impl Store {
             }
             tx.open_table(INTENTS)?
                 .insert(id.as_str(), to_json(&record).as_slice())?;
+            if retry_of.is_none() && agent.is_some() {
+                let entry = HistoryEntry::of(&record.request, record.decision.outcome, now);
+                append_history(&tx, agent_id, &seqs, &entry)?;
+            }
             if retry_of.is_none() {
                 tx.open_table(AGENT_INTENTS)?
                     .insert((agent_id, now, id.as_str()), ())?;
@@ -616,6 +637,12 @@ impl Store {
         }
         self.commit(tx, record.reservation.is_some())?;
         Ok(Decided::New(record))
+    }
+
+    /// The agent's risk history (its last `policy::risk::HISTORY_LEN` intents), oldest first.
+    pub fn risk_history(&self, agent_id: &str) -> Result<RiskHistory, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(read_history(&tx.open_table(RISK_HISTORY)?, agent_id)?.0)
     }
 
     /// The intent an agent's idempotency key already names, if any.
@@ -646,11 +673,13 @@ impl Store {
             now,
             &[],
         )?;
+        let (history, _) = read_history(&tx.open_table(RISK_HISTORY)?, agent_id)?;
         decide_with(
             &agent,
             |p| {
                 let mut u = usage_from(&usage, &index, agent_id, p, now)?;
                 u.shared = shared;
+                u.history = history;
                 Ok(u)
             },
             intent,
@@ -1388,7 +1417,77 @@ fn usage_from(
         committed,
         velocity_counts,
         shared: Vec::new(),
+        history: RiskHistory::default(),
     })
+}
+
+fn outcome_tag(o: Outcome) -> u8 {
+    match o {
+        Outcome::Approved => 0,
+        Outcome::Declined => 1,
+        Outcome::PendingApproval => 2,
+    }
+}
+
+/// The agent's risk history, oldest first, and the sequence numbers of its rows. A row that
+/// cannot be read fails the decision (which then declines): no score from partial history.
+fn read_history(
+    table: &impl ReadableTable<(&'static str, u64), HistoryRow>,
+    agent_id: &str,
+) -> Result<(RiskHistory, Vec<u64>), StoreError> {
+    let mut entries = Vec::with_capacity(policy::risk::HISTORY_LEN);
+    let mut seqs = Vec::with_capacity(policy::risk::HISTORY_LEN);
+    for row in table.range((agent_id, 0u64)..=(agent_id, u64::MAX))? {
+        let (k, v) = row?;
+        let (at, amount, currency, merchant, domain, category, outcome) = v.value();
+        let corrupt = |what: &str| StoreError::Corrupt("risk history".into(), what.into());
+        entries.push(HistoryEntry {
+            at,
+            amount,
+            currency: crate::domain::money::Currency::parse(currency)
+                .map_err(|_| corrupt("currency"))?,
+            merchant: merchant.to_string(),
+            domain: domain.map(str::to_string),
+            category: category.map(str::to_string),
+            outcome: match outcome {
+                0 => Outcome::Approved,
+                1 => Outcome::Declined,
+                2 => Outcome::PendingApproval,
+                _ => return Err(corrupt("outcome")),
+            },
+        });
+        seqs.push(k.value().1);
+    }
+    Ok((RiskHistory { entries }, seqs))
+}
+
+/// Appends an entry to the agent's risk history and evicts the oldest beyond
+/// `HISTORY_LEN`. `seqs` are the rows read in the same transaction, oldest first.
+fn append_history(
+    tx: &redb::WriteTransaction,
+    agent_id: &str,
+    seqs: &[u64],
+    e: &HistoryEntry,
+) -> Result<(), StoreError> {
+    let mut table = tx.open_table(RISK_HISTORY)?;
+    let next = seqs.last().map_or(0, |s| s + 1);
+    table.insert(
+        (agent_id, next),
+        (
+            e.at,
+            e.amount,
+            e.currency.code(),
+            e.merchant.as_str(),
+            e.domain.as_deref(),
+            e.category.as_deref(),
+            outcome_tag(e.outcome),
+        ),
+    )?;
+    let excess = (seqs.len() + 1).saturating_sub(policy::risk::HISTORY_LEN);
+    for seq in seqs.iter().take(excess) {
+        table.remove((agent_id, *seq))?;
+    }
+    Ok(())
 }
 
 type SharedKeys = Vec<(String, UnixSeconds)>;
@@ -1464,6 +1563,18 @@ fn sync_event(rec: &IntentRecord, action: &str, now: UnixSeconds) -> wire::SyncE
                     .collect(),
                 decided_at: rec.decision.decided_at,
             },
+            risk_score: rec.decision.risk.as_ref().map(|r| r.score),
+            risk_signals: rec
+                .decision
+                .risk
+                .as_ref()
+                .map(|r| {
+                    r.signals
+                        .iter()
+                        .map(|s| s.code.as_str().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
             status_reason: rec
                 .status_reason
                 .as_ref()

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::intent::PurchaseIntent;
 use crate::domain::money::Currency;
 use crate::domain::time::{Period, UnixSeconds};
-use crate::policy::{BudgetScope, BudgetStatus, Outcome, Policy, Reason};
+use crate::policy::{BudgetScope, BudgetStatus, Outcome, Policy, Reason, RiskAssessment};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -144,6 +144,10 @@ pub struct DecisionRecord {
     pub reasons: Vec<Reason>,
     pub budgets: Vec<BudgetStatus>,
     pub decided_at: UnixSeconds,
+    /// The risk score and its signals (absent in decisions made before risk scoring, and
+    /// when the decision failed before scoring).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskAssessment>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -521,3 +521,106 @@ fn admin_decisions() {
     assert!(again.is_empty());
     assert_eq!(s.intent(&p1.id).unwrap().unwrap().version, r1.version);
 }
+
+/// The risk history: one entry per new decision, written in its transaction, bounded at
+/// `HISTORY_LEN` (oldest evicted), durable across reopen; the score is recorded with the
+/// decision and in its sync event.
+#[test]
+fn risk_history_is_bounded_and_recorded_with_the_decision() {
+    use crate::policy::risk::HISTORY_LEN;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = counter();
+    {
+        let s = store(&dir);
+        s.enable_outbox();
+        agent(&s, 1_000_000);
+        // 300 intents an hour apart; every 10th over the daily budget (declined).
+        for i in 0..300i64 {
+            let amount = if i % 10 == 9 { 2_000_000 } else { 100 + i };
+            let rec = new_record(
+                s.decide(
+                    "agt_1",
+                    intent(amount, Some(&format!("k{i}"))),
+                    T0 + i * 3_600,
+                    &ids,
+                    DecideOptions::default(),
+                )
+                .unwrap(),
+            );
+            assert!(rec.decision.risk.is_some());
+        }
+        // A replay adds nothing.
+        let replay = s
+            .decide(
+                "agt_1",
+                intent(100, Some("k0")),
+                T0 + 300 * 3_600,
+                &ids,
+                DecideOptions::default(),
+            )
+            .unwrap();
+        assert!(matches!(replay, Decided::Replay(_)));
+        let h = s.risk_history("agt_1").unwrap();
+        assert_eq!(h.entries.len(), HISTORY_LEN);
+        assert_eq!(
+            h.entries[0].at,
+            T0 + 44 * 3_600,
+            "the 44 oldest were evicted"
+        );
+        assert_eq!(h.entries[HISTORY_LEN - 1].at, T0 + 299 * 3_600);
+        assert_eq!(h.entries[0].amount, 144);
+        assert_eq!(h.entries[5].outcome, Outcome::Declined); // i = 49
+        assert_eq!(h.entries[6].outcome, Outcome::Approved);
+        assert_eq!(h.entries[0].merchant, "shop");
+        assert!(s.risk_history("agt_2").unwrap().entries.is_empty());
+    }
+    // Survives reopen, and keeps its bound when more come.
+    let s = store(&dir);
+    s.enable_outbox();
+    let h = s.risk_history("agt_1").unwrap();
+    assert_eq!(h.entries.len(), HISTORY_LEN);
+    // Split purchases: 4 parts above an approval threshold of USD 100.00 within 10 minutes.
+    let mut a = s.agent("agt_1").unwrap().unwrap().record.clone();
+    a.policy.require_approval_above = Some(10_000);
+    a.policy.risk.require_approval_above = 50;
+    s.put_agent(&a).unwrap();
+    let at = T0 + 400 * 3_600;
+    let mut last = None;
+    for i in 0..3 {
+        last = Some(new_record(
+            s.decide(
+                "agt_1",
+                intent(9_000, None),
+                at + i,
+                &ids,
+                DecideOptions::default(),
+            )
+            .unwrap(),
+        ));
+    }
+    let rec = last.unwrap();
+    let risk = rec.decision.risk.clone().unwrap();
+    // 90.00 is far above this agent's usual ~2.73 (amount_unusual +30), and the three parts
+    // add up to more than twice the threshold (split_purchase +55).
+    assert_eq!(risk.score, 85, "{risk:?}");
+    assert_eq!(rec.status, IntentStatus::PendingApproval);
+    assert_eq!(rec.decision.reasons[0].code, ReasonCode::RiskReviewRequired);
+    // The stored record and the outbox event carry the score.
+    let stored = s.intent(&rec.id).unwrap().unwrap();
+    assert_eq!(stored.decision.risk, Some(risk));
+    let events = s.outbox_batch(1_000).unwrap();
+    let (_, last_event) = events.last().unwrap();
+    assert_eq!(last_event.intent.risk_score, Some(85));
+    assert_eq!(
+        last_event.intent.risk_signals,
+        ["amount_unusual", "split_purchase"]
+    );
+    let h = s.risk_history("agt_1").unwrap();
+    assert_eq!(h.entries.len(), HISTORY_LEN);
+    assert_eq!(h.entries[HISTORY_LEN - 1].outcome, Outcome::PendingApproval);
+    // Old records without a risk field still load.
+    let mut json: serde_json::Value = serde_json::to_value(&stored).unwrap();
+    json["decision"].as_object_mut().unwrap().remove("risk");
+    let old: IntentRecord = serde_json::from_value(json).unwrap();
+    assert_eq!(old.decision.risk, None);
+}

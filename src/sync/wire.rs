@@ -153,6 +153,12 @@ pub struct IntentSnapshot {
     #[serde(default)]
     pub expires_at: Option<i64>,
     pub decision: DecisionSnapshot,
+    /// The decision's risk score (0–100), when it was scored.
+    #[serde(default)]
+    pub risk_score: Option<u8>,
+    /// Codes of the risk signals behind the score (e.g. `split_purchase`).
+    #[serde(default)]
+    pub risk_signals: Vec<String>,
     /// Reason code of the last status change (e.g. `card_issuance_failed`).
     pub status_reason: Option<String>,
     pub card: Option<CardSnapshot>,

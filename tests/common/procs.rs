@@ -71,6 +71,9 @@ pub fn sidecar_with(
             .args(["--control-plane-url", control])
             .env("ROONY_SIDECAR_TOKEN", token)
             .env("RUST_LOG", "info,roony=debug")
+            // These tests load the sidecar on purpose; rate limits have their own tests.
+            .env("ROONY_RATE_LIMIT_PER_SECOND", "0")
+            .env("ROONY_UNAUTHENTICATED_RATE_LIMIT_PER_SECOND", "0")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -173,8 +176,16 @@ impl Http {
     }
 }
 
+/// These tests fire many purchases at one merchant on purpose (load, budgets, partitions):
+/// risk thresholds are off so that only what a test is about can decline (risk scoring has
+/// its own tests, tests/risk.rs).
 pub fn policy(max_per_transaction: i64) -> Value {
-    json!({"currency": "USD", "max_per_transaction": max_per_transaction, "card_buffer_bps": 0})
+    json!({
+        "currency": "USD",
+        "max_per_transaction": max_per_transaction,
+        "card_buffer_bps": 0,
+        "risk": {"require_approval_above": 100, "decline_above": 100}
+    })
 }
 
 pub fn codes(body: &Value) -> Vec<String> {

@@ -178,7 +178,13 @@ CHECKS = dict(
 
 def _start_sidecar(spawn, data_dir):
     """Start `roony dev`; return the sidecar's base URL."""
-    return start_dev(spawn, data_dir, AGENT_KEY)[1]
+    # The fuzzer sends hundreds of requests a second with one key (and without keys, to
+    # check authentication); rate limiting has its own tests (tests/ratelimit.rs).
+    no_limits = {
+        "ROONY_RATE_LIMIT_PER_SECOND": "0",
+        "ROONY_UNAUTHENTICATED_RATE_LIMIT_PER_SECOND": "0",
+    }
+    return start_dev(spawn, data_dir, AGENT_KEY, env=no_limits)[1]
 
 
 @pytest.fixture(scope="module")

@@ -73,14 +73,14 @@ pub struct DiscrepancyFilter {
 }
 
 /// A discrepancy about to be recorded.
-struct NewDiscrepancy<'a> {
-    kind: &'static str,
-    owner: Option<&'a CardOwner>,
-    card_id: &'a str,
-    object_id: &'a str,
-    amount: i64,
-    currency: &'a str,
-    details: serde_json::Value,
+pub(super) struct NewDiscrepancy<'a> {
+    pub(super) kind: &'static str,
+    pub(super) owner: Option<&'a CardOwner>,
+    pub(super) card_id: &'a str,
+    pub(super) object_id: &'a str,
+    pub(super) amount: i64,
+    pub(super) currency: &'a str,
+    pub(super) details: serde_json::Value,
 }
 
 /// The ledger's view of a card.
@@ -96,9 +96,9 @@ struct LedgerCard {
 
 /// What an applied event leaves to commit.
 #[derive(Default)]
-struct Outcome {
-    updates: Vec<(String, IntentUpdate)>,
-    froze: bool,
+pub(super) struct Outcome {
+    pub(super) updates: Vec<(String, IntentUpdate)>,
+    pub(super) froze: bool,
 }
 
 fn stripe_actor(event: &StripeEventMeta) -> Actor {
@@ -334,7 +334,7 @@ impl ControlDb {
 
     /// The card's `roony_*` metadata, if its signature verifies with the token hash of the
     /// (unrevoked) sidecar it names and its agent is in that sidecar's project.
-    async fn verify_card(
+    pub(super) async fn verify_card(
         conn: &mut sqlx::AnyConnection,
         card: &StripeCard,
     ) -> Result<Option<Adoption>, DbError> {
@@ -419,7 +419,7 @@ impl ControlDb {
     }
 
     /// Inserts the card row (and a placeholder intent, if none exists) of an adopted card.
-    async fn adopt(
+    pub(super) async fn adopt(
         conn: &mut sqlx::AnyConnection,
         card_id: &str,
         a: &Adoption,
@@ -648,7 +648,19 @@ impl ControlDb {
         auth: &StripeAuthorization,
         now: i64,
     ) -> Result<bool, DbError> {
-        let actor = stripe_actor(event);
+        self.apply_authorization_as(event, auth, now, &stripe_actor(event))
+            .await
+    }
+
+    /// [`ControlDb::apply_authorization`] with another actor in the audit trail (reconciliation).
+    pub async fn apply_authorization_as(
+        &self,
+        event: &StripeEventMeta,
+        auth: &StripeAuthorization,
+        now: i64,
+        actor: &Actor,
+    ) -> Result<bool, DbError> {
+        let actor = actor.clone();
         let mut tx = self.tx().await?;
         if !Self::record_event(&mut tx, event, None, now).await? {
             return Ok(false);
@@ -755,7 +767,19 @@ impl ControlDb {
         t: &StripeTransaction,
         now: i64,
     ) -> Result<bool, DbError> {
-        let actor = stripe_actor(event);
+        self.apply_transaction_as(event, t, now, &stripe_actor(event))
+            .await
+    }
+
+    /// [`ControlDb::apply_transaction`] with another actor in the audit trail (reconciliation).
+    pub async fn apply_transaction_as(
+        &self,
+        event: &StripeEventMeta,
+        t: &StripeTransaction,
+        now: i64,
+        actor: &Actor,
+    ) -> Result<bool, DbError> {
+        let actor = actor.clone();
         let mut tx = self.tx().await?;
         if !Self::record_event(&mut tx, event, None, now).await? {
             return Ok(false);
@@ -985,7 +1009,19 @@ impl ControlDb {
         card: &StripeCard,
         now: i64,
     ) -> Result<bool, DbError> {
-        let actor = stripe_actor(event);
+        self.apply_card_as(event, card, now, &stripe_actor(event))
+            .await
+    }
+
+    /// [`ControlDb::apply_card`] with another actor in the audit trail (reconciliation).
+    pub async fn apply_card_as(
+        &self,
+        event: &StripeEventMeta,
+        card: &StripeCard,
+        now: i64,
+        actor: &Actor,
+    ) -> Result<bool, DbError> {
+        let actor = actor.clone();
         let mut tx = self.tx().await?;
         if !Self::record_event(&mut tx, event, None, now).await? {
             return Ok(false);
@@ -1063,7 +1099,7 @@ impl ControlDb {
 
     /// Records a discrepancy (and its audit event); freezes the agent when its policy says
     /// so (`freeze_on_discrepancy`, default true). `true` if it froze the agent.
-    async fn discrepancy(
+    pub(super) async fn discrepancy(
         conn: &mut sqlx::AnyConnection,
         actor: &Actor,
         d: NewDiscrepancy<'_>,
@@ -1241,7 +1277,7 @@ impl ControlDb {
     /// Recomputes an intent's money state from its authorizations and settlements, stores
     /// it (and `settled` when the card is closed after a capture), and returns the update
     /// to publish (seq filled in by [`ControlDb::finish`]).
-    async fn refresh_intent(
+    pub(super) async fn refresh_intent(
         conn: &mut sqlx::AnyConnection,
         intent_id: &str,
         now: i64,
@@ -1352,7 +1388,7 @@ impl ControlDb {
 
     /// Numbers and stores the updates, bumps the configuration revision if an agent was
     /// frozen, commits, and wakes waiting requests.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Any>,
         out: Outcome,

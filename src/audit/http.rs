@@ -222,16 +222,16 @@ async fn audit_request(State(log): State<Arc<AuditLog>>, req: Request, next: Nex
     resp
 }
 
+/// The auditing middleware's function.
+pub type AuditFn = fn(State<Arc<AuditLog>>, Request, Next) -> AuditFuture;
+/// The auditing layer ([`layer`]).
+pub type AuditLayer =
+    axum::middleware::FromFnLayer<AuditFn, Arc<AuditLog>, (State<Arc<AuditLog>>, Request)>;
+
 /// The auditing middleware as a layer for an axum `Router` (apply it last, so that it sees
 /// every response, rate-limited ones included).
-pub fn layer(
-    log: AuditLog,
-) -> axum::middleware::FromFnLayer<
-    fn(State<Arc<AuditLog>>, Request, Next) -> AuditFuture,
-    Arc<AuditLog>,
-    (State<Arc<AuditLog>>, Request),
-> {
-    axum::middleware::from_fn_with_state(Arc::new(log), audit_boxed as fn(_, _, _) -> _)
+pub fn layer(log: AuditLog) -> AuditLayer {
+    axum::middleware::from_fn_with_state(Arc::new(log), audit_boxed as AuditFn)
 }
 
 /// The boxed future of the auditing middleware.

@@ -501,15 +501,14 @@ impl ControlDb {
         conn: &mut sqlx::AnyConnection,
         entry: crate::audit::Entry,
     ) -> Result<(), DbError> {
-        let row = sqlx::query(
-            "UPDATE audit_chain SET seq = seq + 1 WHERE id = 1 RETURNING seq, head",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
+        let row =
+            sqlx::query("UPDATE audit_chain SET seq = seq + 1 WHERE id = 1 RETURNING seq, head")
+                .fetch_one(&mut *conn)
+                .await?;
         let seq: i64 = row.try_get("seq")?;
         let head: String = row.try_get("head")?;
-        let seq = u64::try_from(seq)
-            .map_err(|_| DbError::Corrupt(format!("audit chain seq {seq}")))?;
+        let seq =
+            u64::try_from(seq).map_err(|_| DbError::Corrupt(format!("audit chain seq {seq}")))?;
         let event = entry.link(seq, &head);
         sqlx::query("UPDATE audit_chain SET head = $1 WHERE id = 1")
             .bind(event.hash.clone())

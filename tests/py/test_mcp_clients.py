@@ -28,7 +28,14 @@ EXPECTED_PROTOCOL = {"auto": "2026-07-28", "legacy": "2025-11-25"}
 
 @pytest.fixture(scope="module")
 def sidecar(spawn_module, tmp_path_factory):
-    return start_dev(spawn_module, tmp_path_factory.mktemp("roony-mcp"), AGENT_KEY)[1]
+    # One agent makes every purchase of this module in a few seconds: rate limits and risk
+    # scores have their own tests (tests/ratelimit.rs, tests/risk.rs), so the limiter is off
+    # and each purchase goes to its own merchant (see `purchase`).
+    no_limits = {
+        "ROONY_RATE_LIMIT_PER_SECOND": "0",
+        "ROONY_UNAUTHENTICATED_RATE_LIMIT_PER_SECOND": "0",
+    }
+    return start_dev(spawn_module, tmp_path_factory.mktemp("roony-mcp"), AGENT_KEY, env=no_limits)[1]
 
 
 def client(transport, mode, sidecar, roony_bin, elicitation_callback=None, key=AGENT_KEY):
@@ -45,10 +52,13 @@ def client(transport, mode, sidecar, roony_bin, elicitation_callback=None, key=A
 
 
 def purchase(amount, **extra):
+    # A merchant of its own per purchase: many USD 80 purchases at one merchant within
+    # minutes are a split purchase, which the risk score rightly declines.
+    shop = uuid.uuid4().hex[:8]
     body = {
         "amount": amount,
         "currency": "usd",
-        "merchant": {"name": "Namecheap", "url": "https://www.namecheap.com", "country": "US"},
+        "merchant": {"name": f"Namecheap {shop}", "url": f"https://{shop}.namecheap.example", "country": "US"},
         "description": "register a domain for one year",
         "idempotency_key": str(uuid.uuid4()),
     }

@@ -341,6 +341,21 @@ impl ControlDb {
                 Backend::Postgres => 10,
             })
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL with synchronous=NORMAL: a commit is atomic and survives a
+                        // crash of the process; only an OS crash or power loss can lose the
+                        // last commits (never corrupt the file). PostgreSQL is the production
+                        // choice where that matters; webhooks lost that way are redelivered
+                        // by reconciliation.
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         if backend == Backend::Sqlite {

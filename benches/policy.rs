@@ -92,6 +92,7 @@ fn bench(c: &mut Criterion) {
         description: "a domain".into(),
         line_items: vec![],
         idempotency_key: None,
+        card_delivery: None,
     }
     .validate(None)
     .expect("valid intent");
@@ -214,6 +215,7 @@ fn bench_risk(c: &mut Criterion) {
         description: "a domain".into(),
         line_items: vec![],
         idempotency_key: None,
+        card_delivery: None,
     }
     .validate(None)
     .expect("valid intent");

@@ -94,6 +94,16 @@ pub struct SidecarArgs {
     /// allowance this sidecar holds is spent).
     #[arg(long, env = "ROONY_OFFLINE_LIMIT", default_value_t = 3600)]
     pub offline_limit: u64,
+    /// Where the card-vault egress proxy listens (agents send outbound requests through it;
+    /// it fills in the placeholders of vault cards for their merchants only).
+    #[arg(long, env = "ROONY_PROXY_LISTEN", default_value = crate::proxy::DEFAULT_LISTEN)]
+    pub proxy_listen: SocketAddr,
+    /// A PEM file of extra CA certificates the proxy trusts for upstream TLS (tests).
+    #[arg(long, env = "ROONY_PROXY_EXTRA_CA")]
+    pub proxy_extra_ca: Option<PathBuf>,
+    /// Resolve a destination host to a fixed address: `host=ip:port` (repeatable; tests).
+    #[arg(long = "proxy-resolve", value_parser = crate::proxy::parse_resolve)]
+    pub proxy_resolve: Vec<(String, SocketAddr)>,
 }
 
 #[derive(Args)]
@@ -365,6 +375,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
                 ),
                 _ => None,
+            };
+            let mut proxy_config = crate::proxy::ProxyConfig::new(args.proxy_listen);
+            proxy_config.extra_ca = args.proxy_extra_ca.clone();
+            proxy_config.resolve = args.proxy_resolve.iter().cloned().collect();
+            proxy_config.rate_limits = config.rate_limits;
+            // Without its proxy the sidecar still serves; vault placeholders then go nowhere.
+            let _proxy = match sidecar::start_proxy(service.clone(), proxy_config).await {
+                Ok(proxy) => {
+                    eprintln!("roony: vault proxy listening on http://{}", proxy.addr);
+                    Some(proxy)
+                }
+                Err(e) => {
+                    eprintln!("roony: vault proxy disabled: {e}");
+                    None
+                }
             };
             let running = sidecar::start(
                 service,

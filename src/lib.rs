@@ -13,6 +13,7 @@ pub mod emulator;
 pub mod issuer;
 pub mod mcp;
 pub mod policy;
+pub mod proxy;
 pub mod ratelimit;
 pub mod service;
 pub mod sidecar;

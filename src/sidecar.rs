@@ -89,6 +89,18 @@ pub fn start_sync(
     Ok(tasks)
 }
 
+/// Starts the card-vault egress proxy (`crate::proxy`) next to the HTTP server; returns
+/// the address it listens on and its handle.
+pub async fn start_proxy(
+    service: Service,
+    config: crate::proxy::ProxyConfig,
+) -> Result<crate::proxy::RunningProxy, StartError> {
+    let listen = config.listen;
+    crate::proxy::start(service, config)
+        .await
+        .map_err(|e| StartError::Listen(listen, std::io::Error::other(e)))
+}
+
 /// A running sidecar.
 pub struct Running {
     pub addr: SocketAddr,

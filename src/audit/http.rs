@@ -259,6 +259,29 @@ pub fn register_data_dir(data_dir: &std::path::Path) {
     }
 }
 
+/// The audit log of the registered data directory (opened on first use), if any: for
+/// components that are not axum apps (the egress proxy).
+pub fn process_log() -> Option<AuditLog> {
+    let dir = DATA_DIR.lock().ok().and_then(|d| d.clone())?;
+    open_process_log(&dir).ok()
+}
+
+fn open_process_log(dir: &std::path::Path) -> Result<AuditLog, super::log::AuditLogError> {
+    let path = dir.join(super::log::FILE_NAME);
+    let mut logs = match LOGS.lock() {
+        Ok(l) => l,
+        Err(p) => p.into_inner(),
+    };
+    match logs.iter().find(|l| l.path() == path) {
+        Some(l) => Ok(l.clone()),
+        None => {
+            let l = AuditLog::open(&path)?;
+            logs.push(l.clone());
+            Ok(l)
+        }
+    }
+}
+
 /// `app` audited into `audit.redb` of the registered data directory (the same log for
 /// every app of that directory); unchanged when none was registered.
 pub fn apply_process_log(app: axum::Router) -> Result<axum::Router, super::log::AuditLogError> {

@@ -122,6 +122,24 @@ pub struct PurchaseRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 255, min_length = 1, pattern = "^[!-~]+$")]
     pub idempotency_key: Option<String>,
+    /// How the card is handed over: `raw` returns its number and CVC once; `vault` returns
+    /// placeholders (`{{roony:card:<intent>:number}}`, `:cvc`, `:exp_month`, `:exp_year`)
+    /// that the sidecar's egress proxy replaces with the real values only in requests to the
+    /// merchant. Default: the policy's `card_delivery` (`raw` unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_delivery: Option<CardDelivery>,
+}
+
+/// How a card's number and CVC reach the agent.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CardDelivery {
+    /// The number and CVC are returned once, in the response that created the card.
+    Raw,
+    /// Placeholders are returned; the egress proxy substitutes the real values.
+    Vault,
 }
 
 /// Accepts integers, and whole numbers written as floats (`1200.0`, as some JSON encoders and
@@ -177,6 +195,9 @@ pub struct PurchaseIntent {
     pub description: String,
     pub line_items: Vec<LineItem>,
     pub idempotency_key: Option<String>,
+    /// The requested (then, once decided, the effective) card delivery. Absent means raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_delivery: Option<CardDelivery>,
 }
 
 /// Why a purchase request is invalid: a stable code, the field, and a message.
@@ -318,6 +339,7 @@ impl PurchaseRequest {
             description,
             line_items,
             idempotency_key,
+            card_delivery: self.card_delivery,
         })
     }
 }

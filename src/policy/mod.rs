@@ -11,7 +11,8 @@ mod rules;
 pub use decision::{BudgetScope, BudgetStatus, Decision, Outcome, Reason, ReasonCode};
 pub use risk::{HistoryEntry, RiskAssessment, RiskHistory, RiskRule, RiskSignal, RiskSignalCode};
 pub use rules::{
-    BudgetRule, CompiledPolicy, ListRule, MerchantRules, Policy, PolicyError, VelocityRule,
+    BudgetRule, CardDeliveryRule, CompiledPolicy, ListRule, MerchantRules, Policy, PolicyError,
+    VelocityRule,
 };
 
 use crate::domain::intent::PurchaseIntent;

@@ -66,6 +66,48 @@ pub struct Policy {
     /// `decline_above` (default 90) it is declined. See docs/policy.md, "Risk".
     #[serde(default, skip_serializing_if = "RiskRule::is_default")]
     pub risk: RiskRule,
+    /// How cards reach the agent: `raw` (default: the number and CVC once, or placeholders
+    /// when the request asks for `vault`), `vault` (placeholders unless the request asks for
+    /// `raw`) or `vault_only` (placeholders; a request for `raw` is refused with
+    /// `card_delivery_not_allowed`). Placeholders are replaced by the sidecar's egress proxy.
+    #[serde(default, skip_serializing_if = "CardDeliveryRule::is_default")]
+    pub card_delivery: CardDeliveryRule,
+}
+
+/// A policy's card delivery rule (see `Policy::card_delivery`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CardDeliveryRule {
+    #[default]
+    Raw,
+    Vault,
+    VaultOnly,
+}
+
+/// The stable code of a refused raw delivery.
+pub const CARD_DELIVERY_NOT_ALLOWED: &str = "card_delivery_not_allowed";
+
+impl CardDeliveryRule {
+    pub fn is_default(&self) -> bool {
+        *self == CardDeliveryRule::Raw
+    }
+
+    /// The delivery a request gets under this rule; `Err` when it asks for `raw` under
+    /// `vault_only`.
+    pub fn resolve(
+        self,
+        requested: Option<crate::domain::intent::CardDelivery>,
+    ) -> Result<crate::domain::intent::CardDelivery, &'static str> {
+        use crate::domain::intent::CardDelivery;
+        match (self, requested) {
+            (CardDeliveryRule::VaultOnly, Some(CardDelivery::Raw)) => {
+                Err(CARD_DELIVERY_NOT_ALLOWED)
+            }
+            (_, Some(d)) => Ok(d),
+            (CardDeliveryRule::Raw, None) => Ok(CardDelivery::Raw),
+            (_, None) => Ok(CardDelivery::Vault),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -184,6 +226,7 @@ impl Policy {
             approval_ttl_seconds: default_approval_ttl(),
             card_buffer_bps: default_buffer_bps(),
             risk: RiskRule::default(),
+            card_delivery: CardDeliveryRule::Raw,
         }
     }
 
@@ -372,5 +415,40 @@ impl Policy {
             card_buffer_bps: self.card_buffer_bps,
             risk: self.risk.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod card_delivery_tests {
+    use super::CardDeliveryRule;
+    use crate::domain::intent::CardDelivery;
+
+    #[test]
+    fn resolves_requests_against_the_rule() {
+        assert_eq!(CardDeliveryRule::Raw.resolve(None), Ok(CardDelivery::Raw));
+        assert_eq!(
+            CardDeliveryRule::Raw.resolve(Some(CardDelivery::Vault)),
+            Ok(CardDelivery::Vault)
+        );
+        assert_eq!(
+            CardDeliveryRule::Vault.resolve(None),
+            Ok(CardDelivery::Vault)
+        );
+        assert_eq!(
+            CardDeliveryRule::Vault.resolve(Some(CardDelivery::Raw)),
+            Ok(CardDelivery::Raw)
+        );
+        assert_eq!(
+            CardDeliveryRule::VaultOnly.resolve(Some(CardDelivery::Raw)),
+            Err("card_delivery_not_allowed")
+        );
+        assert_eq!(
+            CardDeliveryRule::VaultOnly.resolve(None),
+            Ok(CardDelivery::Vault)
+        );
+        let p: super::Policy =
+            serde_json::from_str(r#"{"currency":"USD","card_delivery":"vault_only"}"#)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.card_delivery, CardDeliveryRule::VaultOnly);
     }
 }

@@ -34,6 +34,7 @@ fn request(amount: i64) -> PurchaseRequest {
         description: "a domain".into(),
         line_items: vec![],
         idempotency_key: None,
+        card_delivery: None,
     }
 }
 

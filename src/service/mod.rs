@@ -2,13 +2,14 @@
 //! tasks call these functions; none of them touch the store or Stripe directly.
 
 pub mod ids;
+pub mod vault;
 pub mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth;
-use crate::domain::intent::PurchaseRequest;
+use crate::domain::intent::{CardDelivery, PurchaseRequest};
 use crate::domain::money::Money;
 use crate::domain::time::UnixSeconds;
 use crate::issuer::{BillingAddress, CardSpec, IssuedCard, Issuer, IssuerError};
@@ -20,7 +21,7 @@ use crate::store::{
     AgentKeyRecord, AgentRecord, AgentStatus, CardRef, Decided, IntentRecord, IntentStatus, Store,
     StoreError,
 };
-pub use views::{BudgetView, CardView, IntentPage, IntentView, StatusView};
+pub use views::{BudgetView, CardPlaceholders, CardView, IntentPage, IntentView, StatusView};
 
 /// A source of the current time, so tests can move it.
 pub trait Clock: Send + Sync {
@@ -132,6 +133,49 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// The control plane, for a synced sidecar (shared budgets, offline limit).
     upstream: std::sync::OnceLock<Arc<crate::sync::upstream::Upstream>>,
+    /// Numbers and CVCs of vault-delivery cards (memory only; see `vault`).
+    vault: vault::Vault,
+}
+
+/// Why the egress proxy refuses to put a card into a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EgressRefusal {
+    /// The placeholder names another agent's intent.
+    NotYours,
+    /// Unknown intent, not a vault card, or no longer approved and unexpired.
+    NotActive,
+    /// The destination is not the intent's merchant.
+    DestinationNotAllowed,
+    /// The request carries the raw number of an issued card.
+    RawCardNumber,
+}
+
+impl EgressRefusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            EgressRefusal::NotYours => "placeholder_not_yours",
+            EgressRefusal::NotActive => "intent_not_active",
+            EgressRefusal::DestinationNotAllowed => "destination_not_allowed",
+            EgressRefusal::RawCardNumber => "raw_card_number_blocked",
+        }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self {
+            EgressRefusal::NotYours => {
+                "the request carries a card placeholder of a purchase intent that is not yours"
+            }
+            EgressRefusal::NotActive => {
+                "the card placeholder names a purchase intent that is unknown, not a vault card, or no longer approved (canceled, expired, settled or failed)"
+            }
+            EgressRefusal::DestinationNotAllowed => {
+                "the destination host is not the merchant of any of your active purchase intents"
+            }
+            EgressRefusal::RawCardNumber => {
+                "the request carries the number of an issued card; send its placeholder instead"
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -164,6 +208,7 @@ impl Service {
                 config,
                 clock,
                 upstream: std::sync::OnceLock::new(),
+                vault: vault::Vault::default(),
             }),
         }
     }
@@ -178,6 +223,16 @@ impl Service {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The in-memory card vault (for the egress proxy).
+    pub fn vault(&self) -> &vault::Vault {
+        &self.inner.vault
+    }
+
+    /// The current time of the service's clock.
+    pub fn clock_now(&self) -> UnixSeconds {
+        self.now()
     }
 
     fn now(&self) -> UnixSeconds {
@@ -303,7 +358,8 @@ impl Service {
         header_key: Option<&str>,
         options: PurchaseOptions,
     ) -> Result<PurchaseOutcome, ServiceError> {
-        let intent = request.validate(header_key)?;
+        let mut intent = request.validate(header_key)?;
+        intent.card_delivery = self.resolve_delivery(&agent.agent_id, intent.card_delivery)?;
         let now = self.now();
         let mut options = options;
         let mut demand = None;
@@ -335,7 +391,10 @@ impl Service {
                 if rec.status == IntentStatus::Issuing {
                     return Err(ServiceError::InProgress);
                 }
-                if rec.status == IntentStatus::Approved
+                if rec.status == IntentStatus::Approved && is_vault(&rec) {
+                    // Placeholders only; make sure the vault holds the card.
+                    self.vault_card(&rec).await.map_err(ServiceError::Stripe)?;
+                } else if rec.status == IntentStatus::Approved
                     && let (Some(card_ref), Some(card)) = (&rec.card, view.card.as_mut())
                 {
                     // The agent retried the request that created the card: give it the card
@@ -367,6 +426,7 @@ impl Service {
                 let (rec, card) = self.issue(rec).await?;
                 let mut view = IntentView::from_record(&rec);
                 if let (Some(card), Some(v)) = (card, view.card.as_mut())
+                    && !is_vault(&rec)
                     && let Some(s) = card.secrets
                 {
                     v.number = Some(s.number);
@@ -404,6 +464,11 @@ impl Service {
                 match blocking(move || store.complete_issuance(&id, card_ref, now)).await {
                     Ok(rec) => {
                         tracing::info!(intent = %rec.id, card = %card.id, last4 = %card.last4, "card issued");
+                        if is_vault(&rec)
+                            && let Some(s) = &card.secrets
+                        {
+                            self.inner.vault.insert(self.vault_entry(&rec, s));
+                        }
                         Ok((rec, Some(card)))
                     }
                     Err(e) => {
@@ -555,7 +620,9 @@ impl Service {
             .status_reason
             .as_ref()
             .is_some_and(|r| r.code == ReasonCode::ApprovedByAdmin);
-        if rec.status == IntentStatus::Approved
+        if rec.status == IntentStatus::Approved && approved_later && is_vault(&rec) {
+            self.vault_card(&rec).await.map_err(ServiceError::Stripe)?;
+        } else if rec.status == IntentStatus::Approved
             && approved_later
             && let (Some(card_ref), Some(card)) = (&rec.card, view.card.as_mut())
         {
@@ -623,6 +690,7 @@ impl Service {
 
     /// Cancels the card (if any) and moves the intent to `to`, releasing its reservation.
     async fn end(&self, rec: IntentRecord, to: IntentStatus) -> Result<IntentRecord, ServiceError> {
+        self.inner.vault.remove(&rec.id);
         if let Some(card) = &rec.card {
             match self.inner.issuer.cancel_card(&card.id).await {
                 Ok(()) => {}
@@ -695,6 +763,7 @@ impl Service {
     /// Expires due cards and approvals once. Returns how many intents were ended.
     pub async fn expire_due(&self) -> Result<usize, ServiceError> {
         let now = self.now();
+        self.prune_vault(now);
         let due = self.inner.store.due_timers(now, 100)?;
         let mut ended = 0;
         for (at, id) in due {
@@ -798,6 +867,131 @@ impl Service {
                 }
             }
         })
+    }
+}
+
+fn is_vault(rec: &IntentRecord) -> bool {
+    rec.request.card_delivery == Some(CardDelivery::Vault)
+}
+
+// ---- card vault and egress ------------------------------------------------------------
+impl Service {
+    /// The effective card delivery of a request under the agent's policy: `None` for raw
+    /// (as recorded before vault delivery existed), `Some(Vault)` for vault.
+    fn resolve_delivery(
+        &self,
+        agent_id: &str,
+        requested: Option<CardDelivery>,
+    ) -> Result<Option<CardDelivery>, ServiceError> {
+        let rule = match self.inner.store.agent(agent_id)? {
+            Some(a) => a.record.policy.card_delivery,
+            // A missing agent is declined by the decision itself.
+            None => return Ok(requested.filter(|d| *d == CardDelivery::Vault)),
+        };
+        match rule.resolve(requested) {
+            Ok(CardDelivery::Vault) => Ok(Some(CardDelivery::Vault)),
+            Ok(CardDelivery::Raw) => Ok(None),
+            Err(code) => Err(ServiceError::Invalid(
+                crate::domain::intent::ValidationError {
+                    code,
+                    field: "card_delivery",
+                    message: "this agent's policy allows only vault card delivery (`card_delivery: \"vault\"`): the card number is filled in by the sidecar's egress proxy".into(),
+                },
+            )),
+        }
+    }
+
+    /// Hosts a vault card of `rec` may be sent to: the merchant's domain and the policy's
+    /// `merchants.allow_domains`.
+    fn allowed_hosts(&self, rec: &IntentRecord) -> Vec<String> {
+        let mut hosts: Vec<String> = rec.request.merchant.domain.iter().cloned().collect();
+        if let Ok(Some(agent)) = self.inner.store.agent(&rec.agent_id)
+            && let Ok(policy) = &agent.policy
+        {
+            hosts.extend(policy.merchants.allow_domains.iter().cloned());
+        }
+        hosts
+    }
+
+    fn vault_entry(&self, rec: &IntentRecord, s: &crate::issuer::CardSecrets) -> vault::VaultCard {
+        vault::VaultCard {
+            intent_id: rec.id.clone(),
+            agent_id: rec.agent_id.clone(),
+            number: s.number.clone(),
+            cvc: s.cvc.clone(),
+            exp_month: rec.card.as_ref().map_or(0, |c| c.exp_month),
+            exp_year: rec.card.as_ref().map_or(0, |c| c.exp_year),
+            hosts: self.allowed_hosts(rec),
+            expires_at: rec.expires_at,
+        }
+    }
+
+    /// The vault card of an approved vault intent, fetched from Stripe (number and CVC
+    /// expanded) when the vault does not hold it, e.g. after a restart.
+    async fn vault_card(&self, rec: &IntentRecord) -> Result<Arc<vault::VaultCard>, IssuerError> {
+        if let Some(c) = self.inner.vault.get(&rec.id) {
+            return Ok(c);
+        }
+        let card_ref = rec
+            .card
+            .as_ref()
+            .ok_or_else(|| IssuerError::Config("the intent has no card".into()))?;
+        let issued = self.inner.issuer.retrieve_card(&card_ref.id, true).await?;
+        let secrets = issued
+            .secrets
+            .ok_or_else(|| IssuerError::Config("stripe returned no card number".into()))?;
+        Ok(self.inner.vault.insert(self.vault_entry(rec, &secrets)))
+    }
+
+    /// The card behind a placeholder, for a request of `agent` to `host`; refused unless the
+    /// intent is the agent's, a vault card, approved, unexpired, and `host` is its merchant.
+    pub async fn egress_card(
+        &self,
+        agent: &AgentIdentity,
+        intent_id: &str,
+        host: &str,
+    ) -> Result<Arc<vault::VaultCard>, EgressRefusal> {
+        let rec = match self.inner.store.intent(intent_id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Err(EgressRefusal::NotActive),
+            Err(e) => {
+                tracing::error!(error = %e, "intent lookup failed");
+                return Err(EgressRefusal::NotActive);
+            }
+        };
+        if rec.agent_id != agent.agent_id {
+            return Err(EgressRefusal::NotYours);
+        }
+        let now = self.now();
+        if !is_vault(&rec)
+            || rec.status != IntentStatus::Approved
+            || rec.expires_at.is_some_and(|at| now >= at)
+        {
+            self.inner.vault.remove(intent_id);
+            return Err(EgressRefusal::NotActive);
+        }
+        let card = self.vault_card(&rec).await.map_err(|e| {
+            tracing::warn!(intent = %intent_id, error = %e, "vault card unavailable");
+            EgressRefusal::NotActive
+        })?;
+        if !card.allows(host) {
+            return Err(EgressRefusal::DestinationNotAllowed);
+        }
+        Ok(card)
+    }
+
+    /// Drops vault cards whose intent is no longer approved and unexpired.
+    fn prune_vault(&self, now: UnixSeconds) {
+        for id in self.inner.vault.intent_ids() {
+            let keep = matches!(
+                self.inner.store.intent(&id),
+                Ok(Some(rec)) if rec.status == IntentStatus::Approved
+                    && rec.expires_at.is_none_or(|at| now < at)
+            );
+            if !keep {
+                self.inner.vault.remove(&id);
+            }
+        }
     }
 }
 

@@ -42,6 +42,32 @@ pub struct CardView {
     pub billing_address: BillingAddress,
     /// The most the card can be charged in total, minor units.
     pub spending_limit: i64,
+    /// For vault delivery (`card_delivery: "vault"`): the placeholders to send instead of the
+    /// card's data, through the sidecar's egress proxy, which replaces them only in requests
+    /// to the merchant. `number` and `cvc` then hold the placeholders too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholders: Option<CardPlaceholders>,
+}
+
+/// Placeholders of a vault card, e.g. `{{roony:card:pur_…:number}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, schemars::JsonSchema)]
+pub struct CardPlaceholders {
+    pub number: String,
+    pub cvc: String,
+    pub exp_month: String,
+    pub exp_year: String,
+}
+
+impl CardPlaceholders {
+    pub fn of(intent_id: &str) -> CardPlaceholders {
+        use super::vault::{Field, placeholder};
+        CardPlaceholders {
+            number: placeholder(intent_id, Field::Number),
+            cvc: placeholder(intent_id, Field::Cvc),
+            exp_month: placeholder(intent_id, Field::ExpMonth),
+            exp_year: placeholder(intent_id, Field::ExpYear),
+        }
+    }
 }
 
 impl std::fmt::Debug for CardView {
@@ -188,17 +214,24 @@ impl IntentView {
             decision_id: rec.decision.id.clone(),
             budgets: rec.decision.budgets.clone(),
             risk: rec.decision.risk.clone(),
-            card: rec.card.as_ref().map(|c| CardView {
-                id: c.id.clone(),
-                brand: c.brand.clone(),
-                last4: c.last4.clone(),
-                exp_month: c.exp_month,
-                exp_year: c.exp_year,
-                number: None,
-                cvc: None,
-                billing_zip: c.billing.postal_code.clone(),
-                billing_address: c.billing.clone(),
-                spending_limit: c.spending_limit,
+            card: rec.card.as_ref().map(|c| {
+                let placeholders = (rec.request.card_delivery
+                    == Some(crate::domain::intent::CardDelivery::Vault)
+                    && rec.status == IntentStatus::Approved)
+                    .then(|| CardPlaceholders::of(&rec.id));
+                CardView {
+                    id: c.id.clone(),
+                    brand: c.brand.clone(),
+                    last4: c.last4.clone(),
+                    exp_month: c.exp_month,
+                    exp_year: c.exp_year,
+                    number: placeholders.as_ref().map(|p| p.number.clone()),
+                    cvc: placeholders.as_ref().map(|p| p.cvc.clone()),
+                    billing_zip: c.billing.postal_code.clone(),
+                    billing_address: c.billing.clone(),
+                    spending_limit: c.spending_limit,
+                    placeholders,
+                }
             }),
             created: rec.created,
             expires_at: rec.expires_at,

@@ -40,6 +40,7 @@ fn intent(amount: i64, key: Option<&str>) -> PurchaseIntent {
         description: "thing".into(),
         line_items: vec![],
         idempotency_key: key.map(str::to_string),
+        card_delivery: None,
     }
     .validate(None)
     .unwrap()

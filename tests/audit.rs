@@ -14,70 +14,12 @@ use roony::control::db::ControlDb;
 use roony::control::{self, ControlConfig};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use sqlx::{Connection, Row};
+use sqlx::Row;
+
+use common::db::{Kind, TestDb, on_both};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const SECRET: &str = "whsec_test_secret_one_0123456789";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Sqlite,
-    Postgres,
-}
-
-struct TestDb {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg_schema: Option<(String, String)>,
-}
-
-impl TestDb {
-    async fn new(kind: Kind) -> Option<TestDb> {
-        match kind {
-            Kind::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                Some(TestDb {
-                    url: roony::control::db::default_sqlite_url(dir.path()),
-                    _dir: Some(dir),
-                    pg_schema: None,
-                })
-            }
-            Kind::Postgres => {
-                let Ok(base) = std::env::var("ROONY_TEST_DATABASE_URL") else {
-                    eprintln!(
-                        "\n*** ROONY_TEST_DATABASE_URL is not set: the PostgreSQL leg of the \
-                         audit tests is SKIPPED ***\n"
-                    );
-                    return None;
-                };
-                let schema = format!("t_{}", roony::service::ids::new_id("a").to_lowercase());
-                let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                conn.close().await.unwrap();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                Some(TestDb {
-                    url: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
-                    _dir: None,
-                    pg_schema: Some((base, schema)),
-                })
-            }
-        }
-    }
-
-    async fn drop_schema(&self) {
-        if let Some((base, schema)) = &self.pg_schema {
-            let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
 
 fn config(url: &str) -> ControlConfig {
     let mut config = ControlConfig::sqlite_in(std::path::Path::new("/nonexistent"));
@@ -92,7 +34,7 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Some(test_db) = TestDb::new(kind).await else {
+    let Some(test_db) = TestDb::new(kind, "audit tests is SKIPPED").await else {
         return;
     };
     let outcome = std::panic::AssertUnwindSafe(scenario(test_db.url.clone()))
@@ -102,23 +44,6 @@ where
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
-}
-
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::run(super::Kind::Sqlite, super::$name).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::run(super::Kind::Postgres, super::$name).await;
-                }
-            }
-        )*
-    };
 }
 
 on_both!(control_plane_requests, concurrent_replicas);

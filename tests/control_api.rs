@@ -2,6 +2,8 @@
 //! The control plane's admin API and repository, against SQLite (a temp file) and — when
 //! `ROONY_TEST_DATABASE_URL` is set — PostgreSQL, each test in a fresh schema.
 
+mod common;
+
 use std::future::Future;
 
 use futures_util::FutureExt;
@@ -11,16 +13,12 @@ use roony::control::db::{ControlDb, LedgerFilter};
 use roony::control::model::NewIntent;
 use roony::control::{self, ControlConfig};
 use serde_json::{Value, json};
-use sqlx::{Connection, Row};
+use sqlx::Row;
+
+use common::db::{Kind, TestDb, on_both, serve};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const TOKEN_NAME: &str = "test-admin";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Sqlite,
-    Postgres,
-}
 
 struct Ctx {
     db: ControlDb,
@@ -96,70 +94,17 @@ impl Ctx {
     }
 }
 
-/// Where a test's database lives, and how to drop it afterwards.
-struct TestDb {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg_schema: Option<(String, String)>,
-}
-
-impl TestDb {
-    async fn new(kind: Kind) -> Option<TestDb> {
-        match kind {
-            Kind::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                Some(TestDb {
-                    url: roony::control::db::default_sqlite_url(dir.path()),
-                    _dir: Some(dir),
-                    pg_schema: None,
-                })
-            }
-            Kind::Postgres => {
-                let Ok(base) = std::env::var("ROONY_TEST_DATABASE_URL") else {
-                    // Straight to stderr, past the test harness's capture: a skip must be seen.
-                    use std::io::Write;
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "\n*** ROONY_TEST_DATABASE_URL is not set: the PostgreSQL leg of the control \
-                         plane tests is SKIPPED (CI sets postgres://postgres@127.0.0.1:5432/test) ***\n"
-                    );
-                    return None;
-                };
-                let schema = format!("t_{}", roony::service::ids::new_id("s").to_lowercase());
-                let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                conn.close().await.unwrap();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                Some(TestDb {
-                    url: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
-                    _dir: None,
-                    pg_schema: Some((base, schema)),
-                })
-            }
-        }
-    }
-
-    async fn drop_schema(&self) {
-        if let Some((base, schema)) = &self.pg_schema {
-            let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
-
 async fn run<F, Fut>(kind: Kind, scenario: F)
 where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Some(test_db) = TestDb::new(kind).await else {
+    let Some(test_db) = TestDb::new(
+        kind,
+        "control plane tests is SKIPPED (CI sets postgres://postgres@127.0.0.1:5432/test)",
+    )
+    .await
+    else {
         return;
     };
     let mut config = ControlConfig::sqlite_in(std::path::Path::new("/nonexistent"));
@@ -167,16 +112,11 @@ where
     config.bootstrap_admin_token = Some(TOKEN.into());
     config.bootstrap_admin_name = TOKEN_NAME.into();
     let db = control::open(&config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve_db(db.clone(), listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let (base, stop_tx, server) = serve(&db).await;
     let ctx = Ctx {
         db: db.clone(),
         db_url: test_db.url.clone(),
-        base: format!("http://{addr}"),
+        base,
         client: reqwest::Client::new(),
         kind,
     };
@@ -193,24 +133,8 @@ where
     }
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test]
-                async fn sqlite() {
-                    super::run(super::Kind::Sqlite, super::$name).await;
-                }
-                #[tokio::test]
-                async fn postgres() {
-                    super::run(super::Kind::Postgres, super::$name).await;
-                }
-            }
-        )*
-    };
-}
-
 on_both!(
+    current_thread:
     migrations_apply,
     admin_auth,
     agents_and_keys,

@@ -5,6 +5,8 @@
 //! endpoint with a sidecar token — against SQLite and, when `ROONY_TEST_DATABASE_URL` is
 //! set, PostgreSQL (a fresh schema per test).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -18,16 +20,11 @@ use roony::emulator::{Emulator, EmulatorConfig};
 use roony::issuer::{BillingAddress, CardSpec, Issuer, StripeConfig};
 use roony::sync::wire;
 use serde_json::{Value, json};
-use sqlx::Connection;
+
+use common::db::{Kind, TestDb, on_both, serve};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const STRIPE_KEY: &str = "sk_test_reconcile";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Sqlite,
-    Postgres,
-}
 
 /// How the control plane is set up.
 #[derive(Clone, Copy, Debug)]
@@ -42,80 +39,12 @@ enum Setup {
     NoStripe,
 }
 
-type Server = tokio::task::JoinHandle<Result<(), control::ControlError>>;
-
 struct Ctx {
     db: ControlDb,
     base: String,
     stripe: String,
     issuer: Issuer,
     client: reqwest::Client,
-}
-
-struct TestDb {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg_schema: Option<(String, String)>,
-}
-
-impl TestDb {
-    async fn new(kind: Kind) -> Option<TestDb> {
-        match kind {
-            Kind::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                Some(TestDb {
-                    url: roony::control::db::default_sqlite_url(dir.path()),
-                    _dir: Some(dir),
-                    pg_schema: None,
-                })
-            }
-            Kind::Postgres => {
-                let Ok(base) = std::env::var("ROONY_TEST_DATABASE_URL") else {
-                    use std::io::Write;
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "\n*** ROONY_TEST_DATABASE_URL is not set: the PostgreSQL leg of the \
-                         reconciliation tests is SKIPPED ***\n"
-                    );
-                    return None;
-                };
-                let schema = format!("t_{}", roony::service::ids::new_id("w").to_lowercase());
-                let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                conn.close().await.unwrap();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                Some(TestDb {
-                    url: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
-                    _dir: None,
-                    pg_schema: Some((base, schema)),
-                })
-            }
-        }
-    }
-
-    async fn drop_schema(&self) {
-        if let Some((base, schema)) = &self.pg_schema {
-            let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
-
-async fn serve(db: &ControlDb) -> (String, tokio::sync::oneshot::Sender<()>, Server) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve_db(db.clone(), listener, async move {
-        let _ = stop_rx.await;
-    }));
-    (format!("http://{addr}"), stop_tx, server)
 }
 
 /// The emulator without a webhook endpoint: nothing it does reaches the control plane.
@@ -136,7 +65,7 @@ where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Some(test_db) = TestDb::new(kind).await else {
+    let Some(test_db) = TestDb::new(kind, "reconciliation tests is SKIPPED").await else {
         return;
     };
     let latency = match setup {
@@ -174,23 +103,6 @@ where
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
-}
-
-macro_rules! on_both {
-    ($($name:ident: $setup:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::run(super::Kind::Sqlite, super::Setup::$setup, super::$name).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::run(super::Kind::Postgres, super::Setup::$setup, super::$name).await;
-                }
-            }
-        )*
-    };
 }
 
 on_both!(

@@ -19,19 +19,11 @@ use roony::store::Store;
 use roony::sync::client::{RestoreError, SyncConfig};
 use roony::sync::wire;
 use serde_json::{Value, json};
-use sqlx::Connection;
 
+use common::db::{Kind, Server, TestDb, on_both, serve};
 use common::{EmulatorHandle, purchase, start_emulator};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Sqlite,
-    Postgres,
-}
-
-type Server = tokio::task::JoinHandle<Result<(), control::ControlError>>;
 
 struct Ctx {
     db: ControlDb,
@@ -372,79 +364,17 @@ fn codes(body: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Where a test's database lives, and how to drop it afterwards.
-struct TestDb {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg_schema: Option<(String, String)>,
-}
-
-impl TestDb {
-    async fn new(kind: Kind) -> Option<TestDb> {
-        match kind {
-            Kind::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                Some(TestDb {
-                    url: roony::control::db::default_sqlite_url(dir.path()),
-                    _dir: Some(dir),
-                    pg_schema: None,
-                })
-            }
-            Kind::Postgres => {
-                let Ok(base) = std::env::var("ROONY_TEST_DATABASE_URL") else {
-                    use std::io::Write;
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "\n*** ROONY_TEST_DATABASE_URL is not set: the PostgreSQL leg of the sync \
-                         tests is SKIPPED (CI sets postgres://postgres@127.0.0.1:5432/test) ***\n"
-                    );
-                    return None;
-                };
-                let schema = format!("t_{}", roony::service::ids::new_id("s").to_lowercase());
-                let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                conn.close().await.unwrap();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                Some(TestDb {
-                    url: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
-                    _dir: None,
-                    pg_schema: Some((base, schema)),
-                })
-            }
-        }
-    }
-
-    async fn drop_schema(&self) {
-        if let Some((base, schema)) = &self.pg_schema {
-            let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
-
-async fn serve(db: &ControlDb) -> (String, tokio::sync::oneshot::Sender<()>, Server) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve_db(db.clone(), listener, async move {
-        let _ = stop_rx.await;
-    }));
-    (format!("http://{addr}"), stop_tx, server)
-}
-
 async fn run<F, Fut>(kind: Kind, scenario: F)
 where
     F: FnOnce(Arc<Ctx>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Some(test_db) = TestDb::new(kind).await else {
+    let Some(test_db) = TestDb::new(
+        kind,
+        "sync tests is SKIPPED (CI sets postgres://postgres@127.0.0.1:5432/test)",
+    )
+    .await
+    else {
         return;
     };
     let mut config = ControlConfig::sqlite_in(std::path::Path::new("/nonexistent"));
@@ -470,23 +400,6 @@ where
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
-}
-
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::run(super::Kind::Sqlite, super::$name).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::run(super::Kind::Postgres, super::$name).await;
-                }
-            }
-        )*
-    };
 }
 
 on_both!(

@@ -386,6 +386,42 @@ async fn vault_cards_reach_only_their_merchant() {
     );
     let resp = fwd.get("http://example.com/").send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 403);
+    // A raw card's number (delivered to an agent whose policy allows raw cards) is blocked
+    // too, even to its own merchant: the sidecar knows every card it issued.
+    let raw_key = sc
+        .service
+        .create_agent("agt_raw", "raw agent", demo_policy(), None)
+        .unwrap();
+    let mut raw_buy = vault_purchase("shop.test");
+    raw_buy["card_delivery"] = json!("raw");
+    let r = s
+        .http
+        .post(format!("{}/api/v1/purchase_intent", sc.url))
+        .bearer_auth(&raw_key)
+        .json(&raw_buy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let raw_card: Value = r.json().await.unwrap();
+    let raw_pan = raw_card["card"]["number"].as_str().unwrap().to_string();
+    assert!(!raw_pan.contains("roony"), "a raw card: {raw_card}");
+    let (status, body) = s
+        .explicit(
+            Some(&raw_key),
+            "https://shop.test",
+            &[],
+            (
+                "application/json",
+                json!({"card": {"number": raw_pan}}).to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (403, "raw_card_number_blocked"),
+        "{body}"
+    );
     // Another agent's placeholders.
     let (status, body) = s
         .explicit(

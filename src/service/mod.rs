@@ -464,9 +464,11 @@ impl Service {
                 match blocking(move || store.complete_issuance(&id, card_ref, now)).await {
                     Ok(rec) => {
                         tracing::info!(intent = %rec.id, card = %card.id, last4 = %card.last4, "card issued");
-                        if is_vault(&rec)
-                            && let Some(s) = &card.secrets
-                        {
+                        // Every card's number stays in memory for the card's life: a vault
+                        // card's for its placeholders, a raw card's so that the egress proxy
+                        // blocks it if the agent sends it anywhere (placeholders of a raw
+                        // card are refused: `egress_card` checks the delivery).
+                        if let Some(s) = &card.secrets {
                             self.inner.vault.insert(self.vault_entry(&rec, s));
                         }
                         Ok((rec, Some(card)))

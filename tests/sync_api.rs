@@ -202,8 +202,8 @@ fn snapshot(id: &str, agent: &str, version: i64, status: &str) -> wire::IntentSn
             }],
             decided_at: 1_000,
         },
-        risk_score: None,
-        risk_signals: vec![],
+        risk_score: Some(35),
+        risk_signals: vec!["new_merchant".into(), "burst".into()],
         status_reason: (status == "canceled").then(|| "canceled_by_agent".into()),
         card: (version > 1 && status != "pending_approval").then(|| wire::CardSnapshot {
             stripe_card_id: format!("ic_{id}"),
@@ -834,6 +834,9 @@ async fn events_fill_the_ledger(ctx: Arc<Ctx>) {
     assert_eq!(intent["amount"], 2_500);
     assert_eq!(intent["merchant_domain"], "acme.test");
     assert_eq!(intent["reasons"], json!(["within_policy"]));
+    // The sidecar's risk score reaches the ledger.
+    assert_eq!(intent["risk_score"], 35);
+    assert_eq!(intent["risk_signals"], json!(["new_merchant", "burst"]));
     assert_eq!(intent["decision_id"], "dec_pur_e1");
     assert_eq!(intent["created_at"], 1_000);
     assert_eq!(intent["updated_at"], 1_002);

@@ -54,6 +54,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit chain",
         include_str!("../../migrations/0007_audit_chain.sql"),
     ),
+    (
+        8,
+        "intent risk",
+        include_str!("../../migrations/0008_intent_risk.sql"),
+    ),
 ];
 
 mod reconcile;
@@ -2205,8 +2210,10 @@ impl ControlDb {
         let applied = sqlx::query(
             "INSERT INTO intents (id, org_id, project_id, agent_id, status, amount, currency, merchant_name, \
              merchant_domain, merchant_country, description, decision_id, reasons, created_at, updated_at, \
-             version, sidecar_id, sidecar_status, reserved, status_reason, merchant_category, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19, $20, $21) \
+             version, sidecar_id, sidecar_status, reserved, status_reason, merchant_category, expires_at, \
+             risk_score, risk_signals) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19, $20, $21, \
+             $22, $23) \
              ON CONFLICT (id) DO UPDATE SET \
              status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
                  THEN intents.status WHEN intents.status = 'settled' THEN intents.status ELSE excluded.status END, \
@@ -2219,7 +2226,8 @@ impl ControlDb {
              reasons = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.reasons ELSE excluded.reasons END, \
              updated_at = excluded.updated_at, version = excluded.version, sidecar_id = excluded.sidecar_id, \
              sidecar_status = excluded.sidecar_status, reserved = excluded.reserved, \
-             status_reason = excluded.status_reason \
+             status_reason = excluded.status_reason, risk_score = excluded.risk_score, \
+             risk_signals = excluded.risk_signals \
              WHERE intents.version < excluded.version \
              RETURNING admin_decision",
         )
@@ -2244,6 +2252,10 @@ impl ControlDb {
         .bind(i.status_reason.clone())
         .bind(i.merchant_category.clone())
         .bind(i.expires_at)
+        .bind(i.risk_score.map(i64::from))
+        .bind(
+            serde_json::to_string(&i.risk_signals).map_err(|e| DbError::Corrupt(e.to_string()))?,
+        )
         .fetch_optional(&mut *conn)
         .await?;
         let mut admin_decided = false;
@@ -2495,7 +2507,8 @@ impl ControlDb {
 
 const INTENT_COLUMNS: &str = "id, org_id, project_id, agent_id, status, amount, currency, merchant_name, merchant_domain, \
      merchant_country, description, decision_id, reasons, created_at, updated_at, version, reserved, sidecar_id, \
-     sidecar_status, status_reason, merchant_category, expires_at, captured, refunded, pending";
+     sidecar_status, status_reason, merchant_category, expires_at, captured, refunded, pending, risk_score, \
+     risk_signals";
 const BUDGET_COLUMNS: &str =
     "b.id, b.scope, b.scope_id, b.period, b.currency, b.limit_amount, b.created_at, b.updated_at";
 const DECISION_COLUMNS: &str = "id, intent_id, org_id, project_id, agent_id, outcome, reasons, decided_by, actor_id, note, \
@@ -2697,6 +2710,8 @@ fn intent_from_row(r: &AnyRow) -> Result<Intent, DbError> {
         captured: r.try_get("captured")?,
         refunded: r.try_get("refunded")?,
         pending: r.try_get("pending")?,
+        risk_score: r.try_get("risk_score")?,
+        risk_signals: parse_json(&r.try_get::<String, _>("risk_signals")?)?,
     })
 }
 

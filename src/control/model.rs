@@ -182,6 +182,10 @@ pub struct Intent {
     pub refunded: i64,
     /// Approved authorizations not yet captured, reversed or expired, minor units.
     pub pending: i64,
+    /// The sidecar's risk score (0–100) of the intent, when it reported one.
+    pub risk_score: Option<i64>,
+    /// The risk signals that contributed (codes, e.g. `split_purchase`).
+    pub risk_signals: Vec<String>,
 }
 
 /// An intent to record in the ledger (as a sidecar decided it).

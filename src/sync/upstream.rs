@@ -145,6 +145,10 @@ impl Upstream {
     /// before the store: a purchase drops its demand only after its reservation is
     /// committed, so it is counted at least once, never missed.
     pub fn short(&self, store: &Store, needs: &[LeaseNeed]) -> bool {
+        if needs.is_empty() {
+            // No shared budget in the purchase's currency: nothing to read.
+            return false;
+        }
         let pending: Vec<i64> = needs
             .iter()
             .map(|n| self.pending(&n.budget_id, n.bucket_start).max(n.need))

@@ -416,31 +416,53 @@ impl Issuer {
         Ok(issued(card))
     }
 
-    /// Every Issuing card of the account, as Stripe's JSON (without number or CVC), newest
-    /// first. For reconciliation.
-    pub async fn list_cards_json(&self) -> Result<Vec<serde_json::Value>, IssuerError> {
+    /// Every page of a Stripe list, as Stripe's JSON: `page(after, strategy)` sends one list
+    /// request starting after `after` (retried like any read); `id` names an item for the
+    /// next page's cursor.
+    async fn list_json<T, F, Fut>(
+        &self,
+        what: &str,
+        id: fn(&T) -> String,
+        page: F,
+    ) -> Result<Vec<serde_json::Value>, IssuerError>
+    where
+        T: serde::Serialize,
+        F: Fn(Option<String>, RequestStrategy) -> Fut,
+        Fut: std::future::Future<Output = Result<stripe_types::List<T>, StripeError>>,
+    {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self
-                .with_retries("list_cards", None, |strategy| {
-                    let mut req = stripe_issuing::issuing_card::ListIssuingCard::new().limit(100);
-                    if let Some(a) = &after {
-                        req = req.starting_after(a.clone());
-                    }
-                    req.customize()
-                        .request_strategy(strategy)
-                        .send(&self.client)
-                })
+            let list = self
+                .with_retries(what, None, |strategy| page(after.clone(), strategy))
                 .await?;
-            after = page.data.last().map(|c| c.id.as_str().to_string());
-            for card in &page.data {
-                out.push(to_json(card)?);
+            after = list.data.last().map(id);
+            for item in &list.data {
+                out.push(to_json(item)?);
             }
-            if !page.has_more || after.is_none() {
+            if !list.has_more || after.is_none() {
                 return Ok(out);
             }
         }
+    }
+
+    /// Every Issuing card of the account, as Stripe's JSON (without number or CVC), newest
+    /// first. For reconciliation.
+    pub async fn list_cards_json(&self) -> Result<Vec<serde_json::Value>, IssuerError> {
+        self.list_json(
+            "list_cards",
+            |c: &IssuingCard| c.id.as_str().to_string(),
+            |after, strategy| {
+                let mut req = stripe_issuing::issuing_card::ListIssuingCard::new().limit(100);
+                if let Some(a) = after {
+                    req = req.starting_after(a);
+                }
+                req.customize()
+                    .request_strategy(strategy)
+                    .send(&self.client)
+            },
+        )
+        .await
     }
 
     /// Every Issuing authorization created at or after `since` (Unix seconds), as Stripe's
@@ -449,31 +471,23 @@ impl Issuer {
         &self,
         since: i64,
     ) -> Result<Vec<serde_json::Value>, IssuerError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .with_retries("list_authorizations", None, |strategy| {
-                    let mut req =
-                        stripe_issuing::issuing_authorization::ListIssuingAuthorization::new()
-                            .limit(100)
-                            .created(stripe_types::RangeQueryTs::gte(since));
-                    if let Some(a) = &after {
-                        req = req.starting_after(a.clone());
-                    }
-                    req.customize()
-                        .request_strategy(strategy)
-                        .send(&self.client)
-                })
-                .await?;
-            after = page.data.last().map(|a| a.id.as_str().to_string());
-            for a in &page.data {
-                out.push(to_json(a)?);
-            }
-            if !page.has_more || after.is_none() {
-                return Ok(out);
-            }
-        }
+        self.list_json(
+            "list_authorizations",
+            |a: &stripe_shared::IssuingAuthorization| a.id.as_str().to_string(),
+            |after, strategy| {
+                let mut req =
+                    stripe_issuing::issuing_authorization::ListIssuingAuthorization::new()
+                        .limit(100)
+                        .created(stripe_types::RangeQueryTs::gte(since));
+                if let Some(a) = after {
+                    req = req.starting_after(a);
+                }
+                req.customize()
+                    .request_strategy(strategy)
+                    .send(&self.client)
+            },
+        )
+        .await
     }
 
     /// Every Issuing transaction created at or after `since` (Unix seconds), as Stripe's
@@ -482,31 +496,22 @@ impl Issuer {
         &self,
         since: i64,
     ) -> Result<Vec<serde_json::Value>, IssuerError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .with_retries("list_transactions", None, |strategy| {
-                    let mut req =
-                        stripe_issuing::issuing_transaction::ListIssuingTransaction::new()
-                            .limit(100)
-                            .created(stripe_types::RangeQueryTs::gte(since));
-                    if let Some(a) = &after {
-                        req = req.starting_after(a.clone());
-                    }
-                    req.customize()
-                        .request_strategy(strategy)
-                        .send(&self.client)
-                })
-                .await?;
-            after = page.data.last().map(|t| t.id.as_str().to_string());
-            for t in &page.data {
-                out.push(to_json(t)?);
-            }
-            if !page.has_more || after.is_none() {
-                return Ok(out);
-            }
-        }
+        self.list_json(
+            "list_transactions",
+            |t: &stripe_shared::IssuingTransaction| t.id.as_str().to_string(),
+            |after, strategy| {
+                let mut req = stripe_issuing::issuing_transaction::ListIssuingTransaction::new()
+                    .limit(100)
+                    .created(stripe_types::RangeQueryTs::gte(since));
+                if let Some(a) = after {
+                    req = req.starting_after(a);
+                }
+                req.customize()
+                    .request_strategy(strategy)
+                    .send(&self.client)
+            },
+        )
+        .await
     }
 
     /// Cancels a card. A card that is already canceled counts as success.

@@ -18,23 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::{Child, Conn, env_or};
+
 const ADMIN: &str = "bench-admin-token-0123456789abcdef";
 const SECRET: &str = "whsec_bench_0123456789abcdef";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -126,55 +114,6 @@ fn authorization_request(i: usize, now: i64) -> String {
 fn signature(body: &str, t: i64) -> String {
     let mac = roony::sync::wire::hmac_sha256(SECRET.as_bytes(), format!("{t}.{body}").as_bytes());
     format!("t={t},v1={}", hex::encode(mac))
-}
-
-/// A minimal HTTP/1.1 keep-alive client on raw sockets (cheap: the generator shares the two
-/// cores with the server).
-struct Conn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn connect(addr: &str) -> Conn {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        Conn {
-            stream,
-            buf: Vec::with_capacity(4096),
-        }
-    }
-
-    /// Sends one request; returns (status, body).
-    async fn roundtrip(&mut self, request: &[u8]) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        self.stream.write_all(request).await.ok()?;
-        self.buf.clear();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = self.stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&self.buf);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let head = &text[..end];
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if self.buf.len() >= end + 4 + len {
-                    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok())?;
-                    return Some((status, text[end + 4..end + 4 + len].to_string()));
-                }
-            }
-        }
-    }
 }
 
 fn main() {
@@ -340,33 +279,14 @@ fn main() {
         }
         let wall = tokio::time::Instant::now() - t0;
         let pairs = results.lock().map(|r| r.clone()).unwrap_or_default();
-        let mut service: Vec<Duration> = pairs.iter().map(|p| p.0).collect();
-        let mut from_schedule: Vec<Duration> = pairs.iter().map(|p| p.1).collect();
-        service.sort();
-        from_schedule.sort();
-        let pct = |l: &[Duration], p: f64| -> Duration {
-            if l.is_empty() {
-                return Duration::ZERO;
-            }
-            l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1]
-        };
         println!("authorization ({backend}): rate={rate}/s seconds={seconds} connections={connections}");
         println!(
             "  sent={total} answered={} declined={} errors={} achieved={:.0}/s",
-            service.len(),
+            pairs.len(),
             declined.load(std::sync::atomic::Ordering::Relaxed),
             errors.load(std::sync::atomic::Ordering::Relaxed),
-            service.len() as f64 / wall.as_secs_f64()
+            pairs.len() as f64 / wall.as_secs_f64()
         );
-        for (name, l) in [("request->response", &service), ("from schedule   ", &from_schedule)] {
-            println!(
-                "  {name}: p50={:?} p90={:?} p99={:?} p99.9={:?} max={:?}",
-                pct(l, 0.50),
-                pct(l, 0.90),
-                pct(l, 0.99),
-                pct(l, 0.999),
-                l.last().copied().unwrap_or_default()
-            );
-        }
+        common::report(&pairs);
     });
 }

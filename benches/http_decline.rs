@@ -14,20 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{Child, Conn, env_or};
 
 /// A tiny MPMC queue of scheduled send times (tokio's mpsc is single-consumer).
 fn async_channel(cap: usize) -> (Sender, Receiver) {
@@ -68,52 +56,6 @@ impl Receiver {
                 return Err(());
             }
             let _ = tokio::time::timeout(Duration::from_millis(5), notified).await;
-        }
-    }
-}
-
-struct Conn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn connect(addr: &str) -> Conn {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        Conn {
-            stream,
-            buf: Vec::with_capacity(4096),
-        }
-    }
-
-    /// Sends one request and reads one response; returns its status.
-    async fn roundtrip(&mut self, request: &[u8]) -> Option<u16> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        self.stream.write_all(request).await.ok()?;
-        self.buf.clear();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = self.stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&self.buf);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let head = &text[..end];
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if self.buf.len() >= end + 4 + len {
-                    return head.split(' ').nth(1).and_then(|s| s.parse().ok());
-                }
-            }
         }
     }
 }
@@ -213,7 +155,7 @@ fn main() {
                 while let Ok(scheduled) = rx.recv().await {
                     let sent = tokio::time::Instant::now();
                     match conn.roundtrip(&request).await {
-                        Some(402) => {
+                        Some((402, _)) => {
                             let done = tokio::time::Instant::now();
                             if let Ok(mut r) = results.lock() {
                                 r.push((done - sent, done - scheduled));
@@ -239,32 +181,13 @@ fn main() {
         }
         let wall = tokio::time::Instant::now() - t0;
         let pairs = results.lock().map(|r| r.clone()).unwrap_or_default();
-        let mut service: Vec<Duration> = pairs.iter().map(|p| p.0).collect();
-        let mut from_schedule: Vec<Duration> = pairs.iter().map(|p| p.1).collect();
-        service.sort();
-        from_schedule.sort();
-        let pct = |l: &[Duration], p: f64| -> Duration {
-            if l.is_empty() {
-                return Duration::ZERO;
-            }
-            l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1]
-        };
         println!("http_decline: rate={rate}/s seconds={seconds} connections={connections}");
         println!(
             "  sent={total} declined(402)={} errors={} achieved={:.0}/s",
-            service.len(),
+            pairs.len(),
             errors.load(std::sync::atomic::Ordering::Relaxed),
-            service.len() as f64 / wall.as_secs_f64()
+            pairs.len() as f64 / wall.as_secs_f64()
         );
-        for (name, l) in [("request->response", &service), ("from schedule   ", &from_schedule)] {
-            println!(
-                "  {name}: p50={:?} p90={:?} p99={:?} p99.9={:?} max={:?}",
-                pct(l, 0.50),
-                pct(l, 0.90),
-                pct(l, 0.99),
-                pct(l, 0.999),
-                l.last().copied().unwrap_or_default()
-            );
-        }
+        common::report(&pairs);
     });
 }

@@ -252,27 +252,39 @@ def test_events_are_signed_valid_and_in_order(api, endpoint):
     log = wait_delivered(api)
     assert all(e["status"] == "delivered" for e in log)
     assert endpoint.bad == []
-    assert endpoint.types() == [
+    # Real-time requests are sent synchronously, while the authorization is being decided;
+    # regular events go out in creation order through the delivery queue. The two channels
+    # are not ordered against each other (the card's `created` event may still be queued
+    # when the first request goes out), so each is checked in its own order, and every
+    # request must precede the `created` event of its authorization.
+    types = endpoint.types()
+    regular = [t for t in types if t != "issuing_authorization.request"]
+    assert regular == [
         "issuing_cardholder.created",
         "issuing_card.created",
-        "issuing_authorization.request",
         "issuing_authorization.created",
-        "issuing_authorization.request",
         "issuing_authorization.created",
         "issuing_transaction.created",
         "issuing_authorization.updated",
-    ]
+    ], types
     with endpoint.lock:
         events = list(endpoint.events)
+    requests = [e for e in events if e["type"] == "issuing_authorization.request"]
+    created = [e for e in events if e["type"] == "issuing_authorization.created"]
+    assert len(requests) == 2, types
+    for req, made in zip(requests, created):
+        assert req["data"]["object"]["id"] == made["data"]["object"]["id"]
+        assert events.index(req) < events.index(made), types
     for event in events:
         validate("event", event)
         assert event["api_version"] and event["livemode"] is False
         assert "\"number\"" not in json.dumps(event)
-    request = events[2]["data"]["object"]
+    request = requests[0]["data"]["object"]
     validate("issuing.authorization", request)
     assert request["amount"] == 0 and request["pending_request"]["amount"] == 500
-    validate("issuing.authorization", events[3]["data"]["object"])
-    validate("issuing.transaction", events[6]["data"]["object"])
+    validate("issuing.authorization", created[0]["data"]["object"])
+    transaction = next(e for e in events if e["type"] == "issuing_transaction.created")
+    validate("issuing.transaction", transaction["data"]["object"])
     assert events[7]["data"]["previous_attributes"]["status"] == "pending"
 
 

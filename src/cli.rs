@@ -42,13 +42,18 @@ pub enum Command {
     /// The tamper-evident audit trail: `roony audit verify` checks a chain end to end.
     #[command(subcommand)]
     Audit(crate::audit::cli::AuditCommand),
+    /// Dashboard users: `roony admin create --email … [--role admin|viewer]` (password on stdin).
+    #[command(subcommand)]
+    Admin(crate::control::admin_cli::AdminCommand),
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct StripeArgs {
-    /// Stripe secret or restricted key.
+    /// Stripe secret or restricted key. Optional with --control-plane-url: without it the
+    /// sidecar issues through the control plane's issuing relay (recommended: no Stripe
+    /// credential on the agent's host; docs/stripe-credentials.md).
     #[arg(long, env = "ROONY_STRIPE_API_KEY", hide_env_values = true)]
-    pub stripe_api_key: String,
+    pub stripe_api_key: Option<String>,
     /// Stripe API base URL (default api.stripe.com); point it at the emulator for local runs.
     #[arg(long, env = "ROONY_STRIPE_BASE_URL")]
     pub stripe_base_url: Option<String>,
@@ -58,11 +63,45 @@ pub struct StripeArgs {
 }
 
 impl StripeArgs {
-    pub fn config(&self) -> StripeConfig {
-        let mut c = StripeConfig::new(self.stripe_api_key.clone(), self.stripe_base_url.clone());
-        c.account = self.stripe_account.clone();
-        c
+    /// The issuer's Stripe access: the sidecar's own key (direct), or else the control
+    /// plane's issuing relay with the sidecar token as the key.
+    pub fn config(
+        &self,
+        control_plane_url: Option<&str>,
+        sidecar_token: Option<&str>,
+    ) -> Result<StripeConfig, String> {
+        match self
+            .stripe_api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            Some(key) => {
+                let mut c = StripeConfig::new(key, self.stripe_base_url.clone());
+                c.account = self.stripe_account.clone();
+                Ok(c)
+            }
+            None => match (control_plane_url, sidecar_token) {
+                (Some(url), Some(token)) => Ok(StripeConfig::new(
+                    token,
+                    Some(relay_base_url(url)),
+                )),
+                _ => Err(
+                    "give --stripe-api-key, or --control-plane-url and --sidecar-token to issue through the control plane"
+                        .into(),
+                ),
+            },
+        }
     }
+}
+
+/// The base URL of a control plane's issuing relay for async-stripe (`…/stripe/`).
+pub fn relay_base_url(control_plane_url: &str) -> String {
+    format!(
+        "{}{}/",
+        control_plane_url.trim_end_matches('/'),
+        crate::control::relay::BASE
+    )
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +198,27 @@ pub struct ControlArgs {
         default_value_t = crate::control::reconcile::DEFAULT_INTERVAL_SECONDS
     )]
     pub reconcile_interval_seconds: u64,
+    /// Stripe Connect: the platform's client id (`ca_…`). With it, organizations connect
+    /// their Stripe accounts through OAuth and --stripe-api-key is the platform's secret
+    /// key; without it, --stripe-api-key is the direct mode's (restricted) key.
+    #[arg(long, env = "STRIPE_CONNECT_CLIENT_ID")]
+    pub stripe_connect_client_id: Option<String>,
+    /// Stripe Connect's OAuth host (default https://connect.stripe.com; the emulator's for
+    /// local runs).
+    #[arg(long, env = "ROONY_STRIPE_CONNECT_BASE_URL")]
+    pub stripe_connect_base_url: Option<String>,
+    /// The key(s) sealing stored Stripe tokens: `keyid:base64-or-hex-of-32-bytes`, comma
+    /// separated, the first one current (docs/stripe-credentials.md).
+    #[arg(long, env = "ROONY_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<String>,
+    /// A file (mode 0600) holding the secrets key(s), same format (one per line or comma
+    /// separated); used when ROONY_SECRETS_KEY is not set.
+    #[arg(long, env = "ROONY_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
+    /// The control plane's public base URL (the Stripe OAuth redirect is
+    /// `{public url}/stripe/callback`); default `http://<listen>`.
+    #[arg(long, env = "ROONY_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 /// Secrets (the database URL's password, the admin token, webhook secrets) redacted.
@@ -190,6 +250,14 @@ impl std::fmt::Debug for ControlArgs {
                 "reconcile_interval_seconds",
                 &self.reconcile_interval_seconds,
             )
+            .field("stripe_connect_client_id", &self.stripe_connect_client_id)
+            .field("stripe_connect_base_url", &self.stripe_connect_base_url)
+            .field(
+                "secrets_key",
+                &self.secrets_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secrets_key_file", &self.secrets_key_file)
+            .field("public_url", &self.public_url)
             .finish()
     }
 }
@@ -220,7 +288,68 @@ impl ControlArgs {
                 s
             });
         c.reconcile_interval = std::time::Duration::from_secs(self.reconcile_interval_seconds);
+        c.stripe_base_url = self.stripe_base_url.clone();
+        c.public_url = self.public_url.clone();
         c
+    }
+
+    /// [`ControlArgs::config`] plus the Stripe credentials (Connect or direct) and the
+    /// secrets key, which can fail (an unreadable key file, Connect without a platform key
+    /// or a secrets key).
+    pub fn full_config(&self) -> Result<crate::control::ControlConfig, String> {
+        use crate::control::connect::{ConnectConfig, StripeCredentials};
+        use crate::control::secrets::SecretBox;
+        let mut c = self.config();
+        c.secrets = match (
+            self.secrets_key.as_deref().filter(|k| !k.trim().is_empty()),
+            &self.secrets_key_file,
+        ) {
+            (Some(spec), _) => Some(SecretBox::parse(spec).map_err(|e| e.to_string())?),
+            (None, Some(path)) => Some(SecretBox::from_file(path).map_err(|e| e.to_string())?),
+            (None, None) => None,
+        };
+        let key = self
+            .stripe_api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        c.stripe_credentials = match (
+            self.stripe_connect_client_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|k| !k.is_empty()),
+            key,
+        ) {
+            (Some(client_id), Some(platform_key)) => {
+                if c.secrets.is_none() {
+                    return Err("stripe connect needs a secrets key to store tokens (ROONY_SECRETS_KEY or --secrets-key-file)".into());
+                }
+                let mut connect = ConnectConfig::new(
+                    client_id,
+                    platform_key,
+                    format!(
+                        "{}{}",
+                        c.public_base_url(),
+                        crate::control::connect::CALLBACK_PATH
+                    ),
+                );
+                if let Some(url) = &self.stripe_connect_base_url {
+                    connect.connect_base_url = url.trim_end_matches('/').to_string();
+                }
+                StripeCredentials::Connect(connect)
+            }
+            (Some(_), None) => {
+                return Err(
+                    "stripe connect needs the platform's secret key (--stripe-api-key)".into(),
+                );
+            }
+            (None, Some(key)) => StripeCredentials::Direct {
+                api_key: key.to_string(),
+                account: self.stripe_account.clone(),
+            },
+            (None, None) => StripeCredentials::None,
+        };
+        Ok(c)
     }
 }
 
@@ -316,6 +445,15 @@ pub fn main() -> ExitCode {
     if let Command::Audit(command) = &cli.command {
         return runtime.block_on(crate::audit::cli::run(command));
     }
+    if let Command::Admin(command) = &cli.command {
+        return match runtime.block_on(crate::control::admin_cli::run(command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("roony: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -355,7 +493,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             let config = SidecarConfig {
                 listen: args.listen,
                 data_dir: args.data_dir.clone(),
-                stripe: args.stripe.config(),
+                stripe: args.stripe.config(
+                    args.control_plane_url.as_deref(),
+                    args.sidecar_token.as_deref(),
+                )?,
                 billing: BillingAddress::default(),
                 mcp: args.mcp.config(),
                 rate_limits: args.rate_limit.config(),
@@ -404,7 +545,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             wait_server(running.server).await
         }
         Command::ControlPlane(args) => {
-            let config = args.config();
+            let config = args.full_config()?;
             let db = crate::control::open(&config)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -435,6 +576,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Simulate(_) => Err("`roony simulate` runs from main".into()),
         Command::Audit(_) => Err("`roony audit` runs from main".into()),
+        Command::Admin(_) => Err("`roony admin` runs from main".into()),
         Command::Mcp(args) => {
             crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
                 .await

@@ -19,6 +19,8 @@ use crate::store::Store;
 pub const DEMO_AGENT_ID: &str = "agt_demo";
 /// The emulator accepts any test-mode key; this one is only meaningful locally.
 pub const DEV_STRIPE_KEY: &str = "sk_test_roony_dev";
+/// The Connect client id `roony dev --stripe-connect` uses with the emulator.
+pub const DEV_CONNECT_CLIENT_ID: &str = "ca_roony_dev";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -48,6 +50,13 @@ pub struct DevArgs {
     /// Use this demo agent key instead of generating one (at least 20 characters).
     #[arg(long, env = "ROONY_DEV_AGENT_KEY", hide_env_values = true)]
     pub agent_key: Option<String>,
+    /// Use Stripe Connect (OAuth against the emulator) instead of the direct mode's key:
+    /// purchases decline with `stripe_account_disconnected` until an administrator connects
+    /// the emulator's account in the dashboard (Settings → Connect Stripe). The tokens are
+    /// sealed with a key kept in `<data dir>/control-plane/secrets.key` (0600); cards then
+    /// live on the connected account (`roony simulate` needs `--stripe-account`).
+    #[arg(long, env = "ROONY_DEV_STRIPE_CONNECT")]
+    pub stripe_connect: bool,
     #[command(flatten)]
     pub mcp: crate::cli::McpHostArgs,
     #[command(flatten)]
@@ -114,11 +123,41 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         );
         c.bootstrap_admin_name = "dev".into();
         c.stripe_webhook_secrets = vec![webhook_secret.clone()];
+        // Stripe credentials live at the control plane only: the sidecar issues through its
+        // relay (docs/stripe-credentials.md). Direct mode with the emulator's key by default;
+        // `--stripe-connect` uses Connect OAuth against the emulator instead.
+        c.stripe_base_url = Some(format!("http://{emulator_addr}"));
+        c.stripe_credentials = if args.stripe_connect {
+            let key_path = args.data_dir.join("control-plane").join("secrets.key");
+            c.secrets = Some(
+                crate::control::secrets::SecretBox::load_or_create(&key_path)
+                    .map_err(|e| e.to_string())?,
+            );
+            let mut connect = crate::control::connect::ConnectConfig::new(
+                DEV_CONNECT_CLIENT_ID,
+                DEV_STRIPE_KEY,
+                format!(
+                    "{}{}",
+                    c.public_base_url(),
+                    crate::control::connect::CALLBACK_PATH
+                ),
+            );
+            connect.connect_base_url = format!("http://{emulator_addr}");
+            crate::control::connect::StripeCredentials::Connect(connect)
+        } else {
+            crate::control::connect::StripeCredentials::Direct {
+                api_key: DEV_STRIPE_KEY.into(),
+                account: None,
+            }
+        };
         c
     };
     let control_db = crate::control::open(&control_config)
         .await
         .map_err(|e| e.to_string())?;
+    // Before the control plane serves, so it has an admin and prints no setup link.
+    let (dashboard_email, dashboard_password) =
+        seed_dashboard_admin(&control_db, crate::control::unix_now()).await?;
     let control = match tokio::net::TcpListener::bind(control_config.listen).await {
         Ok(listener) => {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -145,21 +184,33 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Err(e) => return Err(format!("cannot listen on {}: {e}", control_config.listen)),
     };
 
+    let seeded = match &control {
+        Some(_) => Some(seed_control_plane(&control_db, args.agent_key.as_deref()).await?),
+        None => None,
+    };
+    let stripe = match (&control, &seeded) {
+        // Synced: cards come through the control plane's issuing relay with the sidecar
+        // token; no Stripe key on the sidecar.
+        (Some((addr, _)), Some(seeded)) => StripeConfig::new(
+            seeded.sidecar_token.clone(),
+            Some(crate::cli::relay_base_url(&format!("http://{addr}"))),
+        ),
+        _ => StripeConfig::new(DEV_STRIPE_KEY, Some(format!("http://{emulator_addr}"))),
+    };
     let config = SidecarConfig {
         listen: args.sidecar_listen,
         data_dir: args.data_dir.join("sidecar"),
-        stripe: StripeConfig::new(DEV_STRIPE_KEY, Some(format!("http://{emulator_addr}"))),
+        stripe,
         billing: BillingAddress::default(),
         mcp: args.mcp.config(),
         rate_limits: args.rate_limit.config(),
     };
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
     let service = sidecar::build_service(store.clone(), &config).map_err(|e| e.to_string())?;
-    let (key, synced) = match &control {
+    let (key, synced) = match (&control, seeded) {
         // The control plane is the source of truth: the demo agent and its policy live there
         // and reach the sidecar as a signed bundle, like any production sidecar.
-        Some((addr, _)) => {
-            let seeded = seed_control_plane(&control_db, args.agent_key.as_deref()).await?;
+        (Some((addr, _)), Some(seeded)) => {
             let _sync = sidecar::start_sync(
                 &service,
                 crate::sync::client::SyncConfig {
@@ -172,7 +223,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             wait_for_agent(&service, &seeded.agent_key).await?;
             (seeded.agent_key, true)
         }
-        None => {
+        _ => {
             let key = service
                 .create_agent(
                     DEMO_AGENT_ID,
@@ -206,7 +257,8 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         Some((addr, _)) => {
             eprintln!("roony: control plane listening on http://{addr}");
             format!(
-                "Control plane:   http://{addr}/api/admin/v1 (spec at /api/admin/v1/openapi.json){}\n\
+                "Dashboard:       http://{addr}/ (sign in as {dashboard_email}, password {dashboard_password})\n\
+                 Control plane:   http://{addr}/api/admin/v1 (spec at /api/admin/v1/openapi.json){}\n\
                  Admin token:     {admin_token}\n\
                  List projects:   curl -s http://{addr}/api/admin/v1/projects -H 'Authorization: Bearer {admin_token}'\n",
                 if synced {
@@ -275,6 +327,56 @@ fn retire_previous_key(
 struct Seeded {
     agent_key: String,
     sidecar_token: String,
+}
+
+/// The dashboard admin `roony dev` creates.
+pub const DEV_ADMIN_EMAIL: &str = "admin@roony.dev";
+
+/// Makes sure the dev dashboard admin exists with this run's password
+/// (`ROONY_DEV_ADMIN_PASSWORD`, or a fresh random one printed at start-up).
+async fn seed_dashboard_admin(
+    db: &crate::control::db::ControlDb,
+    now: i64,
+) -> Result<(String, String), String> {
+    use crate::control::dashboard::auth;
+    use crate::control::db::Actor;
+    use crate::control::db::admin_users::Role;
+    let password = match std::env::var("ROONY_DEV_ADMIN_PASSWORD") {
+        Ok(p) => {
+            auth::check_new_password(&p).map_err(|e| format!("ROONY_DEV_ADMIN_PASSWORD: {e}"))?;
+            p
+        }
+        Err(_) => {
+            let mut bytes = [0u8; 12];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+            hex::encode(bytes)
+        }
+    };
+    let hash = auth::hash_password(&password).map_err(|e| e.to_string())?;
+    let actor = Actor::system();
+    let existing = db
+        .admin_user_for_login(DEV_ADMIN_EMAIL)
+        .await
+        .map_err(|e| format!("cannot seed the dashboard admin: {e}"))?;
+    match existing {
+        Some((user, _)) => db
+            .set_admin_password(&user.id, &hash, None, &actor, now)
+            .await
+            .map_err(|e| format!("cannot seed the dashboard admin: {e}"))?,
+        None => {
+            db.create_admin_user(
+                DEV_ADMIN_EMAIL,
+                "Dev Admin",
+                Role::Admin,
+                &hash,
+                &actor,
+                now,
+            )
+            .await
+            .map_err(|e| format!("cannot seed the dashboard admin: {e}"))?;
+        }
+    }
+    Ok((DEV_ADMIN_EMAIL.to_string(), password))
 }
 
 /// Puts the demo project, agent (with its policy and key) and a sidecar token into the

@@ -2032,6 +2032,17 @@ pub fn router_with_audit(
     stopping: tokio::sync::watch::Receiver<bool>,
     audit: super::audit::RequestAudit,
 ) -> Router {
+    let dashboard = super::dashboard::DashState::new(db.clone());
+    router_with_dashboard(db, stopping, audit, dashboard)
+}
+
+/// [`router_with_audit`] with the dashboard's state given (e.g. an armed setup token).
+pub fn router_with_dashboard(
+    db: ControlDb,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    audit: super::audit::RequestAudit,
+    dashboard: super::dashboard::DashState,
+) -> Router {
     let (router, spec) = api_router().split_for_parts();
     let spec_json = spec.to_pretty_json().unwrap_or_default();
     router
@@ -2062,6 +2073,7 @@ pub fn router_with_audit(
             crate::sync::wire::UPDATES_PATH,
             axum::routing::get(super::sync::updates),
         )
+        .route(super::relay::ROUTE, axum::routing::any(super::relay::relay))
         .route(
             super::webhooks::PATH,
             axum::routing::post(super::webhooks::stripe).layer(
@@ -2072,6 +2084,7 @@ pub fn router_with_audit(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AdminState { db, stopping })
+        .merge(super::dashboard::router(dashboard))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             AdminError::new(

@@ -153,7 +153,12 @@ fn actor(path: &str, headers: &axum::http::HeaderMap) -> (&'static str, String) 
     } else if path.starts_with("/api/sync/") {
         "sidecar"
     } else {
-        return anonymous;
+        // The dashboard: the session's public id, never its secret.
+        return match super::dashboard::auth::cookie(headers, super::dashboard::auth::SESSION_COOKIE)
+        {
+            Some(token) if !token.is_empty() => ("admin_session", crate::auth::key_id(&token)),
+            _ => anonymous,
+        };
     };
     match bearer_key_id(headers) {
         Some(id) => (kind, id),

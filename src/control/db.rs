@@ -59,10 +59,29 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "intent risk",
         include_str!("../../migrations/0008_intent_risk.sql"),
     ),
+    (
+        9,
+        "stripe connect",
+        include_str!("../../migrations/0009_stripe_connect.sql"),
+    ),
+    (
+        10,
+        "dashboard",
+        include_str!("../../migrations/0010_dashboard.sql"),
+    ),
 ];
 
+pub mod admin_users;
+mod connect;
+mod dashboard_a;
+mod dashboard_b;
 mod reconcile;
 mod stripe;
+pub use connect::{ConnectionRow, StoredTokens};
+pub use dashboard_a::{AgentFacts, AuditPageFilter, CurrencyAmount, SpendRow};
+pub use dashboard_b::{
+    AdminDecisionRow, CardRecord, PolicySummary, SettlementRecord, TxFilter, TxRow,
+};
 pub use reconcile::ReconcileCardView;
 pub use stripe::{AuthInputs, DiscrepancyFilter};
 
@@ -273,6 +292,8 @@ pub struct ControlDb {
     webhooks: std::sync::Arc<super::webhooks::WebhookConfig>,
     /// Stripe access for reconciliation (`None`: reconciliation is off) and its lock.
     reconcile: std::sync::Arc<super::reconcile::ReconcileState>,
+    /// Stripe credentials (Connect or direct) and the secrets key (`db/connect.rs`).
+    stripe_setup: std::sync::Arc<super::connect::StripeSetup>,
 }
 
 /// A sidecar as the sync endpoints authenticate it.
@@ -378,6 +399,7 @@ impl ControlDb {
             updates: std::sync::Arc::new(updates),
             webhooks: Default::default(),
             reconcile: Default::default(),
+            stripe_setup: Default::default(),
         })
     }
 

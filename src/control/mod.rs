@@ -5,11 +5,16 @@
 //! approvals), applies their outboxes to the ledger and grants allowances (leases) of
 //! shared budgets.
 
+pub mod admin_cli;
 pub mod api;
 pub mod audit;
+pub mod connect;
+pub mod dashboard;
 pub mod db;
 pub mod model;
 pub mod reconcile;
+pub mod relay;
+pub mod secrets;
 pub mod sync;
 pub mod webhooks;
 
@@ -44,6 +49,15 @@ pub struct ControlConfig {
     pub stripe: Option<crate::issuer::StripeConfig>,
     /// Period of the background reconciliation; zero: on demand only.
     pub reconcile_interval: std::time::Duration,
+    /// Stripe credentials for issuing through the relay: Connect (OAuth per organization),
+    /// direct (a restricted key from the environment) or none (docs/stripe-credentials.md).
+    pub stripe_credentials: connect::StripeCredentials,
+    /// Seals stored Stripe tokens (`ROONY_SECRETS_KEY` / `--secrets-key-file`).
+    pub secrets: Option<secrets::SecretBox>,
+    /// Stripe API base URL the relay forwards to (`None`: api.stripe.com).
+    pub stripe_base_url: Option<String>,
+    /// The control plane's public base URL (OAuth redirect); `None`: `http://<listen>`.
+    pub public_url: Option<String>,
 }
 
 /// Default deadline of a real-time authorization decision.
@@ -66,11 +80,23 @@ impl std::fmt::Debug for ControlConfig {
             .field("realtime_deadline", &self.realtime_deadline)
             .field("stripe", &self.stripe)
             .field("reconcile_interval", &self.reconcile_interval)
+            .field("stripe_credentials", &self.stripe_credentials)
+            .field("secrets", &self.secrets)
+            .field("stripe_base_url", &self.stripe_base_url)
+            .field("public_url", &self.public_url)
             .finish()
     }
 }
 
 impl ControlConfig {
+    /// The public base URL without a trailing slash (`http://<listen>` by default).
+    pub fn public_base_url(&self) -> String {
+        self.public_url
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// SQLite under `data_dir`, default listen address, no bootstrap token.
     pub fn sqlite_in(data_dir: &Path) -> ControlConfig {
         ControlConfig {
@@ -82,6 +108,10 @@ impl ControlConfig {
             realtime_deadline: std::time::Duration::from_millis(DEFAULT_REALTIME_DEADLINE_MS),
             stripe: None,
             reconcile_interval: std::time::Duration::from_secs(reconcile::DEFAULT_INTERVAL_SECONDS),
+            stripe_credentials: connect::StripeCredentials::None,
+            secrets: None,
+            stripe_base_url: None,
+            public_url: None,
         }
     }
 }
@@ -162,6 +192,11 @@ pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
             interval: config.reconcile_interval,
         });
     }
+    db = db.with_stripe_credentials(connect::StripeSetup::new(
+        config.stripe_credentials.clone(),
+        config.secrets.clone(),
+        config.stripe_base_url.clone(),
+    ));
     let now = unix_now();
     db.ensure_default_org(now).await?;
     if let Some(key) = bootstrap {
@@ -221,7 +256,9 @@ pub async fn serve_db(
         let _ = stop_tx.send(true);
     };
     let audit = audit::RequestAudit::new(db.clone());
-    let app = api::router_with_audit(db.clone(), stop_rx, audit.clone());
+    let dashboard = dashboard::DashState::new(db.clone());
+    arm_setup_token(&db, &dashboard, listener.local_addr().ok()).await;
+    let app = api::router_with_dashboard(db.clone(), stop_rx, audit.clone(), dashboard);
     // Periodic reconciliation (nothing when it is off), ended with the server.
     let periodic = tokio::spawn(reconcile::periodic(db.clone()));
     let result = crate::api::serve(listener, app, shutdown).await;
@@ -231,6 +268,31 @@ pub async fn serve_db(
     audit.flush().await;
     db.close().await;
     result.map_err(ControlError::Server)
+}
+
+/// While no admin user exists, a one-time setup link for the first admin is printed
+/// (valid until an admin exists or the process ends; `roony admin create` is the other way).
+async fn arm_setup_token(
+    db: &ControlDb,
+    dashboard: &dashboard::DashState,
+    addr: Option<SocketAddr>,
+) {
+    match db.count_admin_users().await {
+        Ok(0) => {
+            let token = generate_admin_token().replace(api::ADMIN_TOKEN_PREFIX, "roony_setup_");
+            dashboard.arm_setup_token(&token);
+            let base = addr.map_or_else(
+                || "http://127.0.0.1:8788".to_string(),
+                |a| format!("http://{a}"),
+            );
+            eprintln!(
+                "roony: no dashboard admin yet; create the first one at {base}/setup?token={token} \
+                 (one-time link) or with `roony admin create`"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not count dashboard admins"),
+    }
 }
 
 /// Opens the database per `config` and serves the admin API on `listener` until

@@ -51,7 +51,7 @@ fn bad_request(code: &str, message: impl Into<String>) -> AdminError {
 /// The sidecar a request's `Authorization: Bearer <sidecar token>` names, and the token:
 /// missing → `401 missing_sidecar_token`; unknown, wrong or revoked → `401
 /// invalid_sidecar_token`.
-async fn authenticate<'h>(
+pub(crate) async fn authenticate<'h>(
     state: &AdminState,
     headers: &'h HeaderMap,
 ) -> Result<(SidecarAuth, &'h str), AdminError> {
@@ -214,6 +214,9 @@ pub async fn bundle(
             agents,
             budgets,
             approvals,
+            stripe: super::connect::bundle_status(&state.db, &sidecar.org_id)
+                .await?
+                .map(|status| wire::BundleStripe { status }),
             signature: String::new(),
         };
         let etag = wire::content_etag(&bundle);

@@ -367,6 +367,13 @@ pub async fn stripe(
             };
             db.apply_card(&meta, &card, now).await?
         }
+        "account.application.deauthorized" => {
+            // The connected account that revoked the platform's access.
+            let Some(account) = meta.account.clone() else {
+                return Err(invalid("the event needs the connected account (account)"));
+            };
+            db.apply_deauthorized(&meta, &account, now).await?
+        }
         _ => db.record_ignored_event(&meta, now).await?,
     };
     tracing::debug!(event = %meta.id, kind = %meta.kind, duplicate = !fresh, "stripe event");

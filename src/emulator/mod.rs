@@ -21,6 +21,7 @@ pub mod faults;
 pub mod form;
 pub mod idempotency;
 pub mod ids;
+pub mod oauth;
 pub mod pan;
 pub mod params;
 pub mod resources;
@@ -84,6 +85,8 @@ struct Inner {
     http: reqwest::Client,
     /// Queue of the delivery task (started on first use).
     delivery: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    /// Connect OAuth: codes, connections, tokens (`oauth.rs`).
+    oauth: Mutex<oauth::OAuthState>,
 }
 
 impl Inner {
@@ -100,6 +103,11 @@ impl Inner {
 
     fn reset(&self) {
         *self.lock() = Self::fresh_state(&self.config);
+        *self.oauth() = oauth::OAuthState::default();
+    }
+
+    fn oauth(&self) -> MutexGuard<'_, oauth::OAuthState> {
+        self.oauth.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -115,6 +123,7 @@ impl Emulator {
                     .build()
                     .unwrap_or_default(),
                 delivery: Mutex::new(None),
+                oauth: Mutex::new(oauth::OAuthState::default()),
             }),
         }
     }
@@ -156,6 +165,8 @@ async fn handle(
     let path = req.uri().path();
     let mut response = if path == "/_emulator" || path.starts_with("/_emulator/") {
         control::handle(&inner, req).await
+    } else if path.starts_with("/oauth/") {
+        oauth::handle(&inner, req).await
     } else {
         api(&inner, req, &request_id).await
     };
@@ -302,7 +313,29 @@ async fn prepare(
 ) -> Result<Ready, Early> {
     let reject = |e: ApiError| Early::Error(e, Outcome::Rejected);
     authenticate(headers).map_err(reject)?;
-    let account = account_of(headers).map_err(reject)?;
+    // A Connect OAuth access token acts on its connected account (refused once revoked).
+    let token_account = header(headers, "authorization")
+        .and_then(|raw| raw.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .and_then(|(_, key)| inner.oauth().account_of_token(key.trim()));
+    let account = match token_account {
+        Some(Ok(acct)) => {
+            let named = account_of(headers).map_err(reject)?;
+            if named != AccountKey::Platform && named != AccountKey::Connected(acct.clone()) {
+                return Err(reject(
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorType::InvalidRequestError,
+                        "The provided key does not have access to the account in Stripe-Account.",
+                    )
+                    .with_code("account_invalid"),
+                ));
+            }
+            AccountKey::Connected(acct)
+        }
+        Some(Err(e)) => return Err(reject(e)),
+        None => account_of(headers).map_err(reject)?,
+    };
 
     let fault = inner.lock().faults.draw(method.as_str(), path);
     if let Some(status) = fault {

@@ -170,6 +170,14 @@ pub enum IssuerError {
 }
 
 impl IssuerError {
+    /// Stripe's error code, if Stripe rejected the request with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            IssuerError::Rejected { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Stripe answered 404 (e.g. a card it no longer knows).
     pub fn is_not_found(&self) -> bool {
         matches!(self, IssuerError::Rejected { status: 404, .. })
@@ -239,6 +247,15 @@ impl Issuer {
             .build()
             .map_err(|e| IssuerError::Config(e.to_string()))?;
         Ok(Issuer { client, config })
+    }
+
+    /// Whether calls go through a control plane's issuing relay (see
+    /// `crate::control::relay`) rather than to Stripe directly.
+    pub fn uses_relay(&self) -> bool {
+        self.config
+            .base_url
+            .as_deref()
+            .is_some_and(|u| u.contains(crate::control::relay::BASE))
     }
 
     /// Runs `call` with retries. `key` is the idempotency key for mutating calls; it is the

@@ -63,6 +63,9 @@ pub enum ReasonCode {
     /// The intent's risk score is above the policy's `risk.require_approval_above`: waits
     /// for an administrator.
     RiskReviewRequired,
+    /// The organization's Stripe account is disconnected from the control plane, which
+    /// issues the cards: nothing can be issued until an administrator reconnects it.
+    StripeAccountDisconnected,
 }
 
 impl ReasonCode {
@@ -90,6 +93,7 @@ impl ReasonCode {
             ReasonCode::DeniedByAdmin => "denied_by_admin",
             ReasonCode::RiskTooHigh => "risk_too_high",
             ReasonCode::RiskReviewRequired => "risk_review_required",
+            ReasonCode::StripeAccountDisconnected => "stripe_account_disconnected",
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct AgentState {
     pub frozen: bool,
     /// The sidecar has been out of touch with its control plane for longer than allowed.
     pub control_plane_unreachable: bool,
+    /// The organization's Stripe account is disconnected (cards cannot be issued).
+    pub stripe_account_disconnected: bool,
     /// What the human in front of the agent said, if they were asked.
     pub confirmation: Confirmation,
 }
@@ -111,6 +113,13 @@ pub fn evaluate(
         reasons.push(Reason::new(
             ReasonCode::ControlPlaneUnreachable,
             "this sidecar has been out of touch with the control plane for longer than its offline limit; purchases are declined until it reconnects — retry later",
+        ));
+    }
+
+    if agent.stripe_account_disconnected {
+        reasons.push(Reason::new(
+            ReasonCode::StripeAccountDisconnected,
+            "the organization's stripe account is disconnected, so no card can be issued; an administrator must reconnect it — retry later",
         ));
     }
 

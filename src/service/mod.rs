@@ -364,6 +364,11 @@ impl Service {
         let mut options = options;
         let mut demand = None;
         if let Some(upstream) = self.inner.upstream.get() {
+            // Cards come through the control plane's relay: decline up front, reserving
+            // nothing, while the bundle says the Stripe account is disconnected.
+            if upstream.stripe_disconnected() && self.inner.issuer.uses_relay() {
+                options.stripe_disconnected = true;
+            }
             if upstream.offline(now) {
                 options.offline = true;
             } else {
@@ -486,12 +491,21 @@ impl Service {
             }
             Err(e) => {
                 tracing::warn!(intent = %rec.id, error = %e, "card issuance failed; releasing the reservation");
-                let reason = Reason::new(
-                    ReasonCode::CardIssuanceFailed,
-                    format!(
-                        "the purchase was approved but the card could not be created ({e}); nothing is reserved — retry with the same idempotency key"
-                    ),
-                );
+                let reason = if e.code() == Some(crate::control::relay::DISCONNECTED) {
+                    // The relay refused: the organization's Stripe account is disconnected
+                    // (not retried; the next bundle declines up front).
+                    Reason::new(
+                        ReasonCode::StripeAccountDisconnected,
+                        "the organization's stripe account is disconnected, so the card could not be created; nothing is reserved — retry after an administrator reconnects it",
+                    )
+                } else {
+                    Reason::new(
+                        ReasonCode::CardIssuanceFailed,
+                        format!(
+                            "the purchase was approved but the card could not be created ({e}); nothing is reserved — retry with the same idempotency key"
+                        ),
+                    )
+                };
                 let rec = blocking(move || store.fail_issuance(&id, reason, now)).await?;
                 Ok((rec, None))
             }

@@ -153,6 +153,8 @@ pub struct DecideOptions {
     pub unreachable_budgets: Vec<String>,
     /// The sidecar has been out of touch with its control plane for too long.
     pub offline: bool,
+    /// The control plane says the organization's Stripe account is disconnected.
+    pub stripe_disconnected: bool,
 }
 
 /// What `decide` did.
@@ -539,6 +541,7 @@ impl Store {
             AgentState {
                 frozen: false,
                 control_plane_unreachable: options.offline,
+                stripe_account_disconnected: options.stripe_disconnected,
                 confirmation: options.confirmation,
             },
             now,
@@ -686,6 +689,7 @@ impl Store {
             AgentState {
                 frozen: false,
                 control_plane_unreachable: false,
+                stripe_account_disconnected: false,
                 confirmation,
             },
             now,

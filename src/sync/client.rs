@@ -282,11 +282,12 @@ pub async fn run(
     loop {
         match round(&client, &store, &url, &config, etag.as_deref()).await {
             Ok(Some(bundle)) => {
-                etag = Some(bundle.etag);
                 backoff = MIN_BACKOFF;
                 if let Some(u) = &upstream {
                     u.contact();
+                    u.set_stripe_status(bundle.stripe.as_ref());
                 }
+                etag = Some(bundle.etag);
             }
             Ok(None) => {
                 backoff = MIN_BACKOFF;
@@ -345,6 +346,7 @@ pub fn start_with_upstream(
     let etag = match &restored {
         Ok(Some(b)) => {
             upstream.contact_at(b.generated_at);
+            upstream.set_stripe_status(b.stripe.as_ref());
             Some(b.etag.clone())
         }
         Ok(None) => None,

@@ -45,6 +45,8 @@ pub struct Upstream {
     last_contact: AtomicI64,
     /// The last request to the control plane (any endpoint) was answered.
     reachable: AtomicBool,
+    /// The last bundle said the organization's Stripe account is disconnected.
+    stripe_disconnected: AtomicBool,
     /// Unix milliseconds of the last purchase that used a shared budget.
     last_lease_use_ms: AtomicI64,
     /// One lease request at a time; holds the last sequence number used.
@@ -105,6 +107,7 @@ impl Upstream {
             offline_limit_secs: i64::try_from(offline_limit.as_secs()).unwrap_or(i64::MAX),
             last_contact: AtomicI64::new(0),
             reachable: AtomicBool::new(false),
+            stripe_disconnected: AtomicBool::new(false),
             last_lease_use_ms: AtomicI64::new(0),
             lease_lock: tokio::sync::Mutex::new(last_seq),
             demand: Arc::default(),
@@ -207,6 +210,19 @@ impl Upstream {
 
     /// True when the control plane has not been reached for longer than the offline limit
     /// (a sidecar that never reached it and has no persisted bundle counts from start-up).
+    /// Notes the Stripe connection status of the last applied bundle.
+    pub fn set_stripe_status(&self, stripe: Option<&crate::sync::wire::BundleStripe>) {
+        let disconnected = stripe.is_some_and(|s| s.is_disconnected());
+        self.stripe_disconnected
+            .store(disconnected, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last applied bundle said the organization's Stripe account is disconnected.
+    pub fn stripe_disconnected(&self) -> bool {
+        self.stripe_disconnected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn offline(&self, now: i64) -> bool {
         let last = self.last_contact();
         last > 0 && now.saturating_sub(last) > self.offline_limit_secs

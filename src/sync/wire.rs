@@ -51,9 +51,27 @@ pub struct Bundle {
     /// sidecar has not yet acted on (reported back through events), ordered by intent id.
     #[serde(default)]
     pub approvals: Vec<BundleApproval>,
+    /// The organization's Stripe connection as the control plane's issuing relay sees it;
+    /// absent when the control plane holds no Stripe credentials (older control planes too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe: Option<BundleStripe>,
     /// Hex HMAC-SHA256 (see the module documentation). Empty while being signed.
     #[serde(default)]
     pub signature: String,
+}
+
+/// The Stripe connection of the sidecar's organization (see docs/stripe-credentials.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleStripe {
+    /// `connected` or `disconnected`: a sidecar issuing through the relay declines new
+    /// purchases with `stripe_account_disconnected` while disconnected.
+    pub status: String,
+}
+
+impl BundleStripe {
+    pub fn is_disconnected(&self) -> bool {
+        self.status != "connected"
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -423,6 +441,13 @@ pub fn content_etag(bundle: &Bundle) -> String {
         "budgets": serde_json::to_value(&bundle.budgets).unwrap_or_default(),
         "approvals": serde_json::to_value(&bundle.approvals).unwrap_or_default(),
     });
+    let mut content = content;
+    if let (Some(stripe), Some(map)) = (&bundle.stripe, content.as_object_mut()) {
+        map.insert(
+            "stripe".into(),
+            serde_json::to_value(stripe).unwrap_or_default(),
+        );
+    }
     hex::encode(&Sha256::digest(canonical(&content).as_bytes())[..16])
 }
 
@@ -507,6 +532,7 @@ mod tests {
             agents,
             budgets: vec![],
             approvals: vec![],
+            stripe: None,
             signature: String::new(),
         };
         b.etag = content_etag(&b);

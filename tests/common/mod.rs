@@ -3,6 +3,7 @@
 //! store in a temporary directory, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod dash;
 pub mod db;
 pub mod process;
 pub mod procs;

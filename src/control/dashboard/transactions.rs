@@ -1,0 +1,658 @@
+//! The Transactions pages: the ledger's intents with filters and cursor pagination, one
+//! intent's whole chain (request, decisions, approval, card, authorizations, captures and
+//! refunds, discrepancies, budget effect) and the CSV export of a filtered list.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use maud::{Markup, html};
+
+use super::auth::{Session, unix_now};
+use super::ui::{self, Nav};
+use super::{DashState, PageError};
+use crate::control::db::{DiscrepancyFilter, TxFilter, TxRow};
+use crate::control::model::Cursor;
+use crate::domain::money::Currency;
+
+pub fn routes() -> Router<DashState> {
+    Router::new()
+        .route("/transactions", get(list))
+        .route("/transactions.csv", get(csv))
+        .route("/transactions/{id}", get(detail))
+}
+
+/// Rows per page of the list.
+const PAGE_SIZE: i64 = 50;
+/// Most rows one CSV export holds.
+pub const CSV_MAX_ROWS: usize = 100_000;
+const CSV_BATCH: i64 = 1000;
+
+const STATUSES: &[&str] = &[
+    "pending_approval",
+    "approved",
+    "issuing",
+    "declined",
+    "canceled",
+    "expired",
+    "failed",
+    "settled",
+];
+
+/// The filter form as sent (kept to fill the form again and to build links).
+#[derive(serde::Deserialize, Default, Clone, Debug)]
+pub struct TxQuery {
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    merchant: Option<String>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    min: Option<String>,
+    #[serde(default)]
+    max: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+fn field(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Days since 1970-01-01 of `YYYY-MM-DD` (a real calendar date), else `None`.
+pub fn parse_date(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let num = |s: &str| -> Option<u32> {
+        if s.bytes().all(|c| c.is_ascii_digit()) {
+            s.parse().ok()
+        } else {
+            None
+        }
+    };
+    let y = i64::from(num(text.get(0..4)?)?);
+    let m = num(text.get(5..7)?)?;
+    let d = num(text.get(8..10)?)?;
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let days = crate::domain::time::days_from_civil(y, m, d);
+    // Rejects 2026-02-30 and the like: the date must round-trip.
+    (crate::domain::time::civil_from_days(days) == (y, m, d)).then_some(days)
+}
+
+/// Minor units of a decimal amount in major units ("12.4" → 1240 with 2 decimals).
+pub fn parse_major(text: &str, exponent: u8) -> Option<i64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !whole.bytes().all(|c| c.is_ascii_digit())
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+        || frac.len() > usize::from(exponent)
+        || whole.len() > 15
+    {
+        return None;
+    }
+    let scale = 10i64.checked_pow(u32::from(exponent))?;
+    let w: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let mut f: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    for _ in frac.len()..usize::from(exponent) {
+        f = f.checked_mul(10)?;
+    }
+    w.checked_mul(scale)?.checked_add(f)
+}
+
+/// "12.40" from 1240 minor units with 2 decimals (integer math; "-0.05" for -5).
+pub fn decimal(minor: i64, exponent: u8) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    if exponent == 0 {
+        return format!("{sign}{abs}");
+    }
+    let scale = 10u64.pow(u32::from(exponent));
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / scale,
+        abs % scale,
+        width = usize::from(exponent)
+    )
+}
+
+fn exponent_of(currency: &str) -> u8 {
+    Currency::parse(currency).map(|c| c.exponent()).unwrap_or(2)
+}
+
+/// A CSV cell of text: a leading `=`, `+`, `-`, `@`, tab or CR is neutralized with `'`
+/// (spreadsheet formula injection), then the cell is quoted when it holds a comma, quote
+/// or line break (quotes doubled).
+pub fn csv_text(s: &str) -> String {
+    let guarded = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    csv_quote(&guarded)
+}
+
+fn csv_quote(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The filter of a query, or a 400 page naming the bad field.
+fn filter_of(q: &TxQuery) -> Result<TxFilter, PageError> {
+    let bad = |code: &'static str, msg: &str| PageError::bad_request(code, msg);
+    let currency = match field(&q.currency) {
+        Some(c) => Some(Currency::parse(&c).map_err(|_| {
+            bad(
+                "invalid_currency",
+                "currency must be an ISO 4217 code such as USD",
+            )
+        })?),
+        None => None,
+    };
+    let exponent = currency.map(|c| c.exponent()).unwrap_or(2);
+    let day = |v: &Option<String>, what: &str| -> Result<Option<i64>, PageError> {
+        match field(v) {
+            Some(t) => parse_date(&t).map(Some).ok_or_else(|| {
+                bad(
+                    "invalid_date",
+                    &format!("{what} must be a date written YYYY-MM-DD"),
+                )
+            }),
+            None => Ok(None),
+        }
+    };
+    let amount = |v: &Option<String>, what: &str| -> Result<Option<i64>, PageError> {
+        match field(v) {
+            Some(t) => parse_major(&t, exponent).map(Some).ok_or_else(|| {
+                bad(
+                    "invalid_amount",
+                    &format!("{what} must be an amount in major units, e.g. 12.40 (at most {exponent} decimals)"),
+                )
+            }),
+            None => Ok(None),
+        }
+    };
+    let status = field(&q.status);
+    if let Some(s) = &status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(bad("invalid_status", "status is not a known intent status"));
+    }
+    let merchant = field(&q.merchant);
+    if merchant.as_ref().is_some_and(|m| m.chars().count() > 200) {
+        return Err(bad("invalid_merchant", "the merchant search is too long"));
+    }
+    Ok(TxFilter {
+        agent_id: field(&q.agent),
+        status,
+        merchant,
+        currency: currency.map(|c| c.code().to_string()),
+        created_from: day(&q.from, "from")?.map(|d| d * 86_400),
+        created_to: day(&q.to, "to")?.map(|d| (d + 1) * 86_400),
+        min_amount: amount(&q.min, "min")?,
+        max_amount: amount(&q.max, "max")?,
+    })
+}
+
+fn cursor_of(q: &TxQuery) -> Result<Option<Cursor>, PageError> {
+    match field(&q.cursor) {
+        Some(c) => Cursor::decode(&c).map(Some).ok_or_else(|| {
+            PageError::bad_request(
+                "invalid_cursor",
+                "the page link is not valid; start from the first page",
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+/// The query string of the filters (without the cursor).
+fn filter_query(q: &TxQuery) -> String {
+    let pairs = [
+        ("agent", &q.agent),
+        ("status", &q.status),
+        ("merchant", &q.merchant),
+        ("currency", &q.currency),
+        ("from", &q.from),
+        ("to", &q.to),
+        ("min", &q.min),
+        ("max", &q.max),
+    ];
+    pairs
+        .iter()
+        .filter_map(|(k, v)| field(v).map(|v| format!("{k}={}", ui::url_encode(&v))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// `GET /transactions`.
+async fn list(
+    State(state): State<DashState>,
+    session: Session,
+    headers: HeaderMap,
+    Query(q): Query<TxQuery>,
+) -> Result<Response, PageError> {
+    let filter = filter_of(&q)?;
+    let cursor = cursor_of(&q)?;
+    let page = state
+        .db
+        .dash_transactions(&filter, PAGE_SIZE, cursor)
+        .await?;
+    let agents = state.db.dash_agent_names().await?;
+    let names: HashMap<&str, &str> = agents
+        .iter()
+        .map(|(i, n)| (i.as_str(), n.as_str()))
+        .collect();
+    let fq = filter_query(&q);
+    let val = |v: &Option<String>| v.clone().unwrap_or_default();
+    let content = html! {
+        form.filters #tx-filters method="get" action="/transactions" hx-boost="false" {
+            label { "Agent" select name="agent" data-test="filter-agent" {
+                option value="" { "all" }
+                @for (id, name) in &agents { option value=(id) selected[filter.agent_id.as_deref() == Some(id.as_str())] { (name) } }
+            } }
+            label { "Status" select name="status" data-test="filter-status" {
+                option value="" { "all" }
+                @for s in STATUSES { option value=(s) selected[filter.status.as_deref() == Some(*s)] { (s) } }
+            } }
+            label { "Merchant" input type="search" name="merchant" value=(val(&q.merchant)) data-test="filter-merchant"; }
+            label { "Currency" input type="text" name="currency" value=(val(&q.currency)) size="4" placeholder="USD"; }
+            label { "From" input type="date" name="from" value=(val(&q.from)) data-test="filter-from"; }
+            label { "To" input type="date" name="to" value=(val(&q.to)) data-test="filter-to"; }
+            label { "Min" input type="text" name="min" value=(val(&q.min)) size="8" inputmode="decimal" placeholder="0.00"; }
+            label { "Max" input type="text" name="max" value=(val(&q.max)) size="8" inputmode="decimal"; }
+            button type="submit" data-test="filter-submit" { "Filter" }
+            a href="/transactions" { "clear" }
+            a #csv-export href={"/transactions.csv" @if !fq.is_empty() { "?" (fq) }} data-test="csv-export" hx-boost="false" download { "Export CSV" }
+        }
+        p.muted.small { "Amounts in major units (of the chosen currency, else with 2 decimals); dates in UTC, both ends included. The CSV export holds at most " (CSV_MAX_ROWS) " rows." }
+        @if page.items.is_empty() {
+            p.muted #no-transactions { "No transactions match." }
+        } @else {
+            table #transactions-table {
+                thead { tr { th { "Time" } th { "Agent" } th { "Merchant" } th.num { "Amount" } th { "Status" } th { "Card" } th.num { "Captured" } th.num { "Refunded" } } }
+                tbody {
+                    @for t in &page.items { (row(t, &names)) }
+                }
+            }
+        }
+        @if let Some(next) = &page.next_cursor {
+            p { a #next-page rel="next" data-test="next-page" href={"/transactions?" @if !fq.is_empty() { (fq) "&" } "cursor=" (ui::url_encode(next))} { "Older →" } }
+        }
+    };
+    Ok(ui::page(
+        &session,
+        &headers,
+        Nav::Transactions,
+        "Transactions",
+        content,
+    ))
+}
+
+fn row(t: &TxRow, names: &HashMap<&str, &str>) -> Markup {
+    let i = &t.intent;
+    html! {
+        tr data-test="tx-row" data-intent-id=(i.id) {
+            td.small { a href={"/transactions/" (super::policies::seg(&i.id))} { (ui::time(i.created_at)) } }
+            td { (names.get(i.agent_id.as_str()).copied().unwrap_or(&i.agent_id)) }
+            td { (i.merchant_name) @if let Some(d) = &i.merchant_domain { br; span.small.muted { (d) } } }
+            td.num { (ui::money(i.amount, &i.currency)) }
+            td { (ui::badge(&i.status)) }
+            td { @if let Some(l) = &t.card_last4 { "•••• " (l) } }
+            td.num { @if i.captured != 0 { (ui::money(i.captured, &i.currency)) } }
+            td.num { @if i.refunded != 0 { (ui::money(i.refunded, &i.currency)) } }
+        }
+    }
+}
+
+/// `GET /transactions.csv` with the list's filters.
+async fn csv(
+    State(state): State<DashState>,
+    _session: Session,
+    Query(q): Query<TxQuery>,
+) -> Result<Response, PageError> {
+    let filter = filter_of(&q)?;
+    let names: HashMap<String, String> = state.db.dash_agent_names().await?.into_iter().collect();
+    let mut out = String::from(
+        "created_at,intent_id,agent_id,agent_name,merchant,merchant_domain,status,amount,amount_minor,currency,captured,refunded,card_last4,reasons\r\n",
+    );
+    let mut cursor = None;
+    let mut rows = 0usize;
+    loop {
+        let page = state
+            .db
+            .dash_transactions(&filter, CSV_BATCH, cursor)
+            .await?;
+        for t in &page.items {
+            if rows >= CSV_MAX_ROWS {
+                break;
+            }
+            rows += 1;
+            write_csv_row(&mut out, t, &names);
+        }
+        match page.next_cursor.as_deref().and_then(Cursor::decode) {
+            Some(c) if rows < CSV_MAX_ROWS => cursor = Some(c),
+            _ => break,
+        }
+    }
+    let filename = format!(
+        "attachment; filename=\"roony-transactions-{}.csv\"",
+        ui::date(unix_now())
+    );
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&filename)
+                    .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+fn write_csv_row(out: &mut String, t: &TxRow, names: &HashMap<String, String>) {
+    let i = &t.intent;
+    let exp = exponent_of(&i.currency);
+    let cells = [
+        csv_text(&crate::domain::time::rfc3339(i.created_at)),
+        csv_text(&i.id),
+        csv_text(&i.agent_id),
+        csv_text(names.get(&i.agent_id).map_or("", String::as_str)),
+        csv_text(&i.merchant_name),
+        csv_text(i.merchant_domain.as_deref().unwrap_or("")),
+        csv_text(&i.status),
+        decimal(i.amount, exp),
+        i.amount.to_string(),
+        csv_text(&i.currency),
+        decimal(i.captured, exp),
+        decimal(i.refunded, exp),
+        csv_text(t.card_last4.as_deref().unwrap_or("")),
+        csv_text(&i.reasons.join(" ")),
+    ];
+    let _ = write!(out, "{}\r\n", cells.join(","));
+}
+
+/// `GET /transactions/{id}`: the whole chain of one purchase.
+async fn detail(
+    State(state): State<DashState>,
+    session: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let intent = state.db.get_intent(&id).await?;
+    let agent_name = match state.db.get_agent(&intent.agent_id).await {
+        Ok(a) => a.name,
+        Err(_) => intent.agent_id.clone(),
+    };
+    let decisions = state.db.dash_intent_decisions(&id).await?;
+    let cards = state.db.dash_intent_cards(&id).await?;
+    let auths = state
+        .db
+        .list_authorizations(Some(id.clone()), None, 100, None)
+        .await?
+        .items;
+    let settlements = state.db.dash_intent_settlements(&id).await?;
+    let discrepancies = state
+        .db
+        .list_discrepancies(
+            &DiscrepancyFilter {
+                intent_id: Some(id.clone()),
+                ..DiscrepancyFilter::default()
+            },
+            100,
+            None,
+        )
+        .await?
+        .items;
+    let cur = intent.currency.as_str();
+    let admin_decisions: Vec<_> = decisions
+        .iter()
+        .filter(|d| d.decided_by == "admin")
+        .collect();
+    let content = html! {
+        p { a href="/transactions" { "← all transactions" } }
+        div.chain #chain {
+            div #chain-intent data-test="chain-intent" {
+                h2 { "Request" }
+                p {
+                    strong { (ui::money(intent.amount, cur)) } " at " strong #merchant { (intent.merchant_name) }
+                    @if let Some(d) = &intent.merchant_domain { " (" (d) ")" }
+                    " · " span #intent-status data-status=(intent.status) { (ui::badge(&intent.status)) }
+                }
+                table.small {
+                    tr { th { "Intent" } td { code { (intent.id) } } }
+                    tr { th { "Agent" } td { a href={"/agents/" (super::policies::seg(&intent.agent_id))} { (agent_name) } " " span.muted { (intent.agent_id) } } }
+                    tr { th { "Created" } td { (ui::time(intent.created_at)) } }
+                    @if let Some(c) = &intent.merchant_country { tr { th { "Country" } td { (c) } } }
+                    @if let Some(c) = &intent.merchant_category { tr { th { "Category" } td { (c) } } }
+                    @if let Some(d) = &intent.description { tr { th { "Description" } td { (d) } } }
+                    tr { th { "Reasons" } td #intent-reasons { (intent.reasons.join(", ")) } }
+                    tr { th { "Risk" } td #intent-risk {
+                        @match intent.risk_score { Some(s) => { strong { (s) } " / 100" @if !intent.risk_signals.is_empty() { ": " (intent.risk_signals.join(", ")) } }, None => span.muted { "not scored" } }
+                    } }
+                    @if let Some(e) = intent.expires_at { tr { th { "Expires" } td { (ui::time(e)) } } }
+                    @if let Some(s) = &intent.sidecar_status { tr { th { "Sidecar status" } td { (s) @if let Some(r) = &intent.status_reason { " (" (r) ")" } } } }
+                }
+            }
+            div #chain-decisions data-test="chain-decisions" {
+                h2 { "Decisions" }
+                @if decisions.is_empty() { p.muted { "none recorded" } }
+                @for d in &decisions {
+                    p data-test="decision" data-decided-by=(d.decided_by) data-outcome=(d.outcome) {
+                        (ui::time(d.created_at)) " · " (ui::badge(&d.outcome)) " by " (d.decided_by)
+                        @if let Some(a) = &d.actor { " (" (a) ")" }
+                        @if let Some(r) = d.policy_revision { " · policy revision " (r) }
+                        " · " span.small { (d.reasons.join(", ")) }
+                    }
+                }
+            }
+            div #chain-approval data-test="chain-approval" {
+                h2 { "Approval" }
+                @if admin_decisions.is_empty() {
+                    p.muted { @if intent.status == "pending_approval" { "waiting for an administrator — " a href="/approvals" { "open the queue" } } @else { "no administrator's decision" } }
+                }
+                @for d in &admin_decisions {
+                    p { (ui::badge(&d.outcome)) " by " strong #approval-actor { (d.actor.as_deref().unwrap_or("")) } " at " (ui::time(d.created_at)) }
+                    @if let Some(n) = &d.note { blockquote #approval-note data-test="approval-note" { (n) } }
+                }
+            }
+            div #chain-card data-test="chain-card" {
+                h2 { "Card" }
+                @if cards.is_empty() { p.muted { "no card issued" } }
+                @for c in &cards {
+                    p data-test="card" data-card-id=(c.stripe_card_id) {
+                        code { (c.stripe_card_id) } " · •••• " span.last4 { (c.last4) } " · exp " (format!("{:02}/{}", c.exp_month, c.exp_year))
+                        " · limit " (ui::money(c.spending_limit, &c.currency)) " · " (ui::badge(&c.status))
+                        " · issued " (ui::time(c.created_at))
+                    }
+                }
+            }
+            div #chain-authorizations data-test="chain-authorizations" {
+                h2 { "Authorizations" }
+                @if auths.is_empty() { p.muted { "none" } } @else {
+                    table {
+                        thead { tr { th { "Time" } th { "Authorization" } th.num { "Amount" } th { "Decision" } th { "Status" } th { "Merchant" } th { "Reasons" } } }
+                        tbody { @for a in &auths {
+                            tr data-test="authorization" {
+                                td.small { (ui::time(a.created_at)) }
+                                td.small { code { (a.id) } }
+                                td.num { (ui::money(a.amount, &a.currency)) }
+                                td { (ui::badge(if a.approved { "approved" } else { "declined" })) " by " (a.decided_by) }
+                                td { (ui::badge(&a.status)) }
+                                td { (a.merchant_name) }
+                                td.small { (a.reasons.join(", ")) }
+                            }
+                        } }
+                    }
+                }
+            }
+            div #chain-settlements data-test="chain-settlements" {
+                h2 { "Captures and refunds" }
+                @if settlements.is_empty() { p.muted { "none" } } @else {
+                    table {
+                        thead { tr { th { "Time" } th { "Kind" } th.num { "Amount" } th { "Transaction" } th { "Merchant" } } }
+                        tbody { @for s in &settlements {
+                            tr data-test="settlement" data-kind=(s.kind) {
+                                td.small { (ui::time(s.created_at)) }
+                                td { (s.kind) }
+                                td.num { (ui::money(s.amount, &s.currency)) }
+                                td.small { code { (s.stripe_transaction_id.as_deref().unwrap_or(&s.id)) } }
+                                td { (s.merchant_name.as_deref().unwrap_or("")) }
+                            }
+                        } }
+                    }
+                }
+            }
+            div #chain-discrepancies data-test="chain-discrepancies" {
+                h2 { "Discrepancies" }
+                @if discrepancies.is_empty() { p.muted { "none" } }
+                @for d in &discrepancies {
+                    p data-test="discrepancy" {
+                        (ui::badge(&d.kind)) " " (ui::time(d.created_at))
+                        @if let (Some(a), Some(c)) = (d.amount, &d.currency) { " · " (ui::money(a, c)) }
+                        @match d.resolved_at { Some(t) => { " · resolved " (ui::time(t)) @if let Some(b) = &d.resolved_by { " by " (b) } }, None => { " · " (ui::badge("open")) } }
+                    }
+                }
+            }
+            div #chain-budget data-test="chain-budget" {
+                h2 { "Budget effect" }
+                table.small {
+                    tr { th { "Reserved now" } td.num #budget-reserved { (ui::money(intent.reserved, cur)) } }
+                    tr { th { "Authorized, not captured" } td.num { (ui::money(intent.pending, cur)) } }
+                    tr { th { "Captured" } td.num #budget-captured { (ui::money(intent.captured, cur)) } }
+                    tr { th { "Refunded" } td.num #budget-refunded { (ui::money(intent.refunded, cur)) } }
+                    tr { th { "Net spent" } td.num #budget-net { strong { (ui::money(intent.captured.saturating_sub(intent.refunded), cur)) } } }
+                }
+            }
+        }
+    };
+    Ok(ui::page(
+        &session,
+        &headers,
+        Nav::Transactions,
+        &format!("Purchase {}", intent.id),
+        content,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_guarded() {
+        assert_eq!(csv_text("plain"), "plain");
+        assert_eq!(csv_text("Acme, \"Inc\""), "\"Acme, \"\"Inc\"\"\"");
+        assert_eq!(csv_text("two\nlines"), "\"two\nlines\"");
+        assert_eq!(csv_text("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_text("+1"), "'+1");
+        assert_eq!(csv_text("-2"), "'-2");
+        assert_eq!(csv_text("@x"), "'@x");
+        assert_eq!(csv_text("=a,b"), "\"'=a,b\"");
+        assert_eq!(csv_text(""), "");
+    }
+
+    #[test]
+    fn amounts_in_major_units_with_integers() {
+        assert_eq!(decimal(1240, 2), "12.40");
+        assert_eq!(decimal(5, 2), "0.05");
+        assert_eq!(decimal(-5, 2), "-0.05");
+        assert_eq!(decimal(1200, 0), "1200");
+        assert_eq!(decimal(1250, 3), "1.250");
+        assert_eq!(decimal(i64::MIN, 2), "-92233720368547758.08");
+        assert_eq!(parse_major("12.4", 2), Some(1240));
+        assert_eq!(parse_major("12", 2), Some(1200));
+        assert_eq!(parse_major(".5", 2), Some(50));
+        assert_eq!(parse_major("12.345", 2), None);
+        assert_eq!(parse_major("-1", 2), None);
+        assert_eq!(parse_major("1e3", 2), None);
+        assert_eq!(parse_major(".", 2), None);
+        assert_eq!(parse_major("1200", 0), Some(1200));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(parse_date("1970-01-02"), Some(1));
+        assert_eq!(parse_date("2026-11-22"), Some(20_779));
+        assert_eq!(parse_date("2026-02-30"), None);
+        assert_eq!(parse_date("2026-1-22"), None);
+        assert_eq!(parse_date("yesterday"), None);
+        assert_eq!(parse_date("+026-11-22"), None);
+    }
+
+    #[test]
+    fn filters_validate() {
+        let q = TxQuery {
+            min: Some("1.50".into()),
+            max: Some(" ".into()),
+            to: Some("1970-01-01".into()),
+            merchant: Some("acme".into()),
+            ..TxQuery::default()
+        };
+        let f = filter_of(&q).unwrap();
+        assert_eq!(f.min_amount, Some(150));
+        assert_eq!(f.max_amount, None);
+        assert_eq!(f.created_to, Some(86_400));
+        assert_eq!(
+            filter_query(&q),
+            "merchant=acme&to=1970%2D01%2D01&min=1%2E50"
+        );
+        for bad in [
+            TxQuery {
+                status: Some("nope".into()),
+                ..TxQuery::default()
+            },
+            TxQuery {
+                from: Some("2026-13-01".into()),
+                ..TxQuery::default()
+            },
+            TxQuery {
+                min: Some("abc".into()),
+                ..TxQuery::default()
+            },
+            TxQuery {
+                currency: Some("XYZW".into()),
+                ..TxQuery::default()
+            },
+        ] {
+            assert!(filter_of(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

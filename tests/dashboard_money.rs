@@ -1,0 +1,903 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+//! The dashboard's money pages (policies with dry run and diff, approvals, transactions
+//! and their CSV export) over HTTP, against SQLite and — when `ROONY_TEST_DATABASE_URL` is
+//! set — PostgreSQL.
+
+mod common;
+
+use std::future::Future;
+
+use futures_util::FutureExt;
+use roony::control::db::admin_users::Role;
+use roony::control::db::{Actor, ControlDb};
+use roony::control::model::{
+    MerchantData, NewIntent, StripeAuthorization, StripeCard, StripeEventMeta, StripeTransaction,
+};
+use roony::control::{self, ControlConfig};
+use roony::sync::wire;
+use serde_json::json;
+
+use common::dash::{Dash, now};
+use common::db::{Kind, TestDb, on_both, serve};
+
+struct Ctx {
+    db: ControlDb,
+    base: String,
+    admin: Dash,
+    viewer: Dash,
+    project: String,
+    agent: String,
+}
+
+async fn run<F, Fut>(kind: Kind, scenario: F)
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(test_db) = TestDb::new(
+        kind,
+        "dashboard money tests is SKIPPED (CI sets postgres://postgres@127.0.0.1:5432/test)",
+    )
+    .await
+    else {
+        return;
+    };
+    let mut config = ControlConfig::sqlite_in(std::path::Path::new("/nonexistent"));
+    config.database_url = test_db.url.clone();
+    let db = control::open(&config).await.unwrap();
+    let (base, stop_tx, server) = serve(&db).await;
+    let org = db.ensure_default_org(now()).await.unwrap();
+    let project = db
+        .create_project(&org.id, "money", &Actor::system(), now())
+        .await
+        .unwrap();
+    let agent = db
+        .create_agent(
+            &project.id,
+            Some("agt_buyer"),
+            "Buyer Bot",
+            &roony::auth::generate(),
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+    let admin = Dash::signed_in(&db, &base, "admin@example.com", Role::Admin).await;
+    let viewer = Dash::signed_in(&db, &base, "viewer@example.com", Role::Viewer).await;
+    let ctx = Ctx {
+        db: db.clone(),
+        base,
+        admin,
+        viewer,
+        project: project.id,
+        agent: agent.id,
+    };
+    let outcome = std::panic::AssertUnwindSafe(scenario(ctx))
+        .catch_unwind()
+        .await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    db.close().await;
+    test_db.drop_schema().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+on_both!(
+    policy_editor_validates_publishes_and_diffs,
+    dry_run_reports_changed_decisions,
+    viewers_and_forged_forms_are_refused,
+    approvals_approve_and_deny_with_notes,
+    transactions_filter_and_show_the_chain,
+    csv_export_quotes_and_guards,
+);
+
+/// A policy without risk noise (thresholds off) and the given per-purchase limit.
+fn policy(max: i64) -> serde_json::Value {
+    json!({
+        "currency": "USD",
+        "max_per_transaction": max,
+        "budgets": [{"period": "monthly", "limit": 1_000_000}],
+        "risk": {"require_approval_above": 100, "decline_above": 100}
+    })
+}
+
+async fn put_policy(ctx: &Ctx, doc: &serde_json::Value) -> i64 {
+    let normalized: roony::policy::Policy = serde_json::from_value(doc.clone()).unwrap();
+    let doc = serde_json::to_string(&normalized).unwrap();
+    ctx.db
+        .put_policy(&ctx.agent, &doc, &Actor::system(), now())
+        .await
+        .unwrap()
+        .revision
+}
+
+fn intent(id: &str, agent: &str, status: &str, amount: i64, merchant: &str, at: i64) -> NewIntent {
+    NewIntent {
+        id: id.into(),
+        agent_id: agent.into(),
+        status: status.into(),
+        amount,
+        currency: "USD".into(),
+        merchant_name: merchant.into(),
+        merchant_domain: Some("shop.example".into()),
+        merchant_country: Some("US".into()),
+        description: Some("test purchase".into()),
+        reasons: vec![
+            match status {
+                "declined" => "exceeds_transaction_limit",
+                "pending_approval" => "approval_required",
+                _ => "within_policy",
+            }
+            .into(),
+        ],
+        decision_outcome: Some(
+            match status {
+                "declined" => "declined",
+                "pending_approval" => "pending_approval",
+                _ => "approved",
+            }
+            .into(),
+        ),
+        created_at: at,
+    }
+}
+
+fn flash_of(page: &common::dash::Page) -> String {
+    page.cookies
+        .iter()
+        .find(|c| c.starts_with("roony_flash="))
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap()
+                .trim_start_matches("roony_flash=")
+                .to_string()
+        })
+        .map(|v| roony::control::dashboard::ui::url_decode(&v))
+        .unwrap_or_default()
+}
+
+async fn policy_editor_validates_publishes_and_diffs(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let page = ctx.admin.get(&format!("/agents/{a}/policy")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("id=\"current-revision\""));
+    assert!(page.body.contains("data-revision=\"0\""), "{}", page.body);
+    assert_eq!(
+        ctx.admin
+            .get(&format!("/agents/{a}/policy/diff"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(put_policy(&ctx, &policy(10_000)).await, 1);
+
+    let list = ctx.admin.get("/policies").await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert!(list.body.contains("id=\"policies-table\""));
+    assert!(list.body.contains(&format!("data-agent-id=\"{a}\"")));
+
+    let page = ctx.admin.get(&format!("/agents/{a}/policy")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("id=\"policy-json\""));
+    assert!(page.body.contains("max_per_transaction"));
+    assert!(page.body.contains("10000"));
+    assert!(page.body.contains("data-revision=\"1\""));
+    assert!(page.body.contains("id=\"publish\""));
+
+    // An invalid policy: 422, the field path listed, the draft kept, nothing written.
+    let bad = r#"{"currency": "USD", "budgets": [{"period": "daily", "limit": 0}], "max_per_transaction": 777}"#;
+    let p = ctx
+        .admin
+        .post(&format!("/agents/{a}/policy"), &[("policy", bad)])
+        .await;
+    assert_eq!(p.status, 422, "{}", p.body);
+    let errors = &p.body[p.body.find("id=\"policy-errors\"").expect("errors list")..];
+    assert!(errors.contains("budgets[0].limit"), "{errors}");
+    assert!(p.body.contains("777"), "the draft is kept");
+    assert_eq!(ctx.db.get_policy(&a).await.unwrap().revision, 1);
+    // Not JSON at all.
+    let p = ctx
+        .admin
+        .post(&format!("/agents/{a}/policy"), &[("policy", "{oops")])
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("(json)"));
+    // Unknown field.
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy"),
+            &[("policy", r#"{"currency":"USD","max_per_purchase":5}"#)],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("max_per_purchase"));
+    assert_eq!(ctx.db.get_policy(&a).await.unwrap().revision, 1);
+
+    // Publish: a new revision, a flash, the bundle revision bumped.
+    let before = ctx.db.config_revision().await.unwrap();
+    let draft = serde_json::to_string_pretty(&policy(5_000)).unwrap();
+    let p = ctx
+        .admin
+        .post(&format!("/agents/{a}/policy"), &[("policy", &draft)])
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(
+        p.location.as_deref(),
+        Some(format!("/agents/{a}/policy").as_str())
+    );
+    assert_eq!(flash_of(&p), "published revision 2");
+    let rev = ctx.db.get_policy(&a).await.unwrap();
+    assert_eq!(rev.revision, 2);
+    assert_eq!(rev.document["max_per_transaction"], 5_000);
+    assert_eq!(rev.author, "admin@example.com");
+    assert!(ctx.db.config_revision().await.unwrap() > before);
+    let page = ctx.admin.get(&format!("/agents/{a}/policy")).await;
+    assert!(page.body.contains("published revision 2"), "flash shown");
+    assert!(
+        page.body
+            .contains("data-test=\"revision-row\" data-revision=\"2\"")
+    );
+
+    // Diff: default previous vs current.
+    let d = ctx.admin.get(&format!("/agents/{a}/policy/diff")).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert!(d.body.contains("data-from=\"1\" data-to=\"2\""));
+    assert!(
+        d.body.contains("data-added=\"1\" data-removed=\"1\""),
+        "{}",
+        d.body
+    );
+    let del = d.body.find("data-test=\"diff-del\"").unwrap();
+    assert!(d.body[del..].contains("10000"));
+    let add = d.body.find("data-test=\"diff-add\"").unwrap();
+    assert!(d.body[add..add + 200].contains("5000"));
+    let d = ctx
+        .admin
+        .get(&format!("/agents/{a}/policy/diff?from=2&to=1"))
+        .await;
+    assert_eq!(d.status, 200);
+    assert!(d.body.contains("data-from=\"2\" data-to=\"1\""));
+    assert_eq!(
+        ctx.admin
+            .get(&format!("/agents/{a}/policy/diff?from=abc"))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        ctx.admin
+            .get(&format!("/agents/{a}/policy/diff?from=9&to=2"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(ctx.admin.get("/agents/agt_nope/policy").await.status, 404);
+}
+
+async fn dry_run_reports_changed_decisions(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    put_policy(&ctx, &policy(10_000)).await;
+    let t = now();
+    let h = 3600;
+    for i in [
+        intent("pur_dry_small", &a, "approved", 2_000, "Shop", t - 50 * h),
+        intent("pur_dry_mid", &a, "approved", 6_000, "Shop", t - 40 * h),
+        intent("pur_dry_big", &a, "approved", 8_000, "Shop", t - 30 * h),
+        intent("pur_dry_huge", &a, "declined", 20_000, "Shop", t - 20 * h),
+        intent(
+            "pur_dry_old",
+            &a,
+            "approved",
+            9_000,
+            "Shop",
+            t - 40 * 24 * h,
+        ),
+    ] {
+        ctx.db.insert_intent(&i).await.unwrap();
+    }
+    let draft = policy(5_000).to_string();
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy/dry-run"),
+            &[("policy", &draft), ("days", "30")],
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(
+        p.body.contains("data-replayed=\"4\" data-changed=\"2\""),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("<span id=\"current-approved\">3</span>"));
+    assert!(p.body.contains("<span id=\"current-declined\">1</span>"));
+    assert!(p.body.contains("<span id=\"draft-approved\">1</span>"));
+    assert!(p.body.contains("<span id=\"draft-declined\">3</span>"));
+    for id in ["pur_dry_mid", "pur_dry_big"] {
+        let row = format!(
+            "data-test=\"dry-run-change\" data-intent-id=\"{id}\" data-old=\"approved\" data-new=\"declined\""
+        );
+        assert!(p.body.contains(&row), "{id}");
+    }
+    assert!(!p.body.contains("data-intent-id=\"pur_dry_small\""));
+    assert!(p.body.contains("exceeds_transaction_limit"));
+    assert!(p.body.contains("id=\"dry-run-caveat\""));
+    assert!(p.body.contains("id=\"draft-valid\""));
+    // The draft stays in the editor; nothing was published.
+    assert!(p.body.contains("5000"));
+    assert_eq!(ctx.db.get_policy(&a).await.unwrap().revision, 1);
+
+    // A longer window reaches the old intent too.
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy/dry-run"),
+            &[("policy", &draft), ("days", "60")],
+        )
+        .await;
+    assert!(
+        p.body.contains("data-replayed=\"5\" data-changed=\"3\""),
+        "{}",
+        p.body
+    );
+
+    // Bad window or invalid draft: 422 with the errors.
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy/dry-run"),
+            &[("policy", &draft), ("days", "366")],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-field=\"days\""));
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy/dry-run"),
+            &[("policy", r#"{"currency":"USD","max_per_transaction":-1}"#)],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-field=\"max_per_transaction\""));
+}
+
+async fn viewers_and_forged_forms_are_refused(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    put_policy(&ctx, &policy(10_000)).await;
+    ctx.db
+        .insert_intent(&intent(
+            "pur_perm",
+            &a,
+            "pending_approval",
+            30_000,
+            "Shop",
+            now(),
+        ))
+        .await
+        .unwrap();
+    let draft = policy(1).to_string();
+
+    // Viewers see the pages, without forms, and are refused on every action.
+    let page = ctx.viewer.get(&format!("/agents/{a}/policy")).await;
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains("id=\"publish\""));
+    let page = ctx.viewer.get("/approvals").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("data-intent-id=\"pur_perm\""));
+    assert!(!page.body.contains("data-test=\"approve\""));
+    for (path, form) in [
+        (
+            format!("/agents/{a}/policy"),
+            vec![("policy", draft.as_str())],
+        ),
+        (
+            format!("/agents/{a}/policy/dry-run"),
+            vec![("policy", draft.as_str())],
+        ),
+        (
+            "/approvals/pur_perm/approve".to_string(),
+            vec![("note", "x")],
+        ),
+        ("/approvals/pur_perm/deny".to_string(), vec![]),
+    ] {
+        let p = ctx.viewer.post(&path, &form).await;
+        assert_eq!(p.status, 403, "{path}: {}", p.body);
+    }
+
+    // An admin's form without (or with a wrong) CSRF token.
+    let p = ctx
+        .admin
+        .post_raw(&format!("/agents/{a}/policy"), &[("policy", &draft)])
+        .await;
+    assert_eq!(p.status, 403);
+    assert!(p.body.contains("csrf_failed"));
+    let p = ctx
+        .admin
+        .post_raw(
+            "/approvals/pur_perm/approve",
+            &[("note", "x"), ("_csrf", "0000")],
+        )
+        .await;
+    assert_eq!(p.status, 403);
+    // Signed out: redirected to sign in.
+    let mut anon = Dash::new(&ctx.base);
+    let p = anon.get("/transactions").await;
+    assert_eq!(p.status, 303);
+    assert!(p.location.unwrap().starts_with("/login"));
+
+    assert_eq!(ctx.db.get_policy(&a).await.unwrap().revision, 1);
+    assert_eq!(
+        ctx.db.get_intent("pur_perm").await.unwrap().status,
+        "pending_approval"
+    );
+}
+
+async fn approvals_approve_and_deny_with_notes(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let t = now();
+    ctx.db
+        .insert_intent(&intent(
+            "pur_wait1",
+            &a,
+            "pending_approval",
+            30_000,
+            "Big Server Co",
+            t - 600,
+        ))
+        .await
+        .unwrap();
+    ctx.db
+        .insert_intent(&intent(
+            "pur_wait2",
+            &a,
+            "pending_approval",
+            45_000,
+            "Casino <b>Royale</b>",
+            t - 60,
+        ))
+        .await
+        .unwrap();
+    let page = ctx.admin.get("/approvals").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("id=\"approval-pur_wait1\""));
+    assert!(page.body.contains("id=\"approval-pur_wait2\""));
+    assert!(page.body.contains("USD 300.00"));
+    assert!(page.body.contains("approval_required"));
+    assert!(
+        page.body.contains("Casino &lt;b&gt;Royale&lt;/b&gt;"),
+        "escaped"
+    );
+    assert!(page.body.contains("data-test=\"approval-note\""));
+
+    let note = "ok by finance, ticket #12 <script>";
+    let p = ctx
+        .admin
+        .post("/approvals/pur_wait1/approve", &[("note", note)])
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(p.location.as_deref(), Some("/approvals"));
+    assert!(flash_of(&p).starts_with("approved USD 300.00"));
+    let i = ctx.db.get_intent("pur_wait1").await.unwrap();
+    assert_eq!(i.status, "approved");
+    assert_eq!(i.reasons, ["approved_by_admin"]);
+    let decisions = ctx.db.dash_intent_decisions("pur_wait1").await.unwrap();
+    let last = decisions.last().unwrap();
+    assert_eq!(last.decided_by, "admin");
+    assert_eq!(last.note.as_deref(), Some(note));
+    assert_eq!(last.actor.as_deref(), Some("admin@example.com"));
+
+    let p = ctx
+        .admin
+        .post("/approvals/pur_wait2/deny", &[("note", "")])
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(
+        ctx.db.get_intent("pur_wait2").await.unwrap().status,
+        "declined"
+    );
+
+    // A second decision: 409; unknown: 404.
+    let p = ctx
+        .admin
+        .post("/approvals/pur_wait1/deny", &[("note", "too late")])
+        .await;
+    assert_eq!(p.status, 409, "{}", p.body);
+    assert!(p.body.contains("already decided"));
+    assert_eq!(
+        ctx.db.get_intent("pur_wait1").await.unwrap().status,
+        "approved"
+    );
+    let p = ctx.admin.post("/approvals/pur_nope/approve", &[]).await;
+    assert_eq!(p.status, 404);
+    let long = "x".repeat(1001);
+    ctx.db
+        .insert_intent(&intent(
+            "pur_wait3",
+            &a,
+            "pending_approval",
+            30_000,
+            "Shop",
+            t,
+        ))
+        .await
+        .unwrap();
+    let p = ctx
+        .admin
+        .post("/approvals/pur_wait3/approve", &[("note", &long)])
+        .await;
+    assert_eq!(p.status, 422);
+    assert_eq!(
+        ctx.db.get_intent("pur_wait3").await.unwrap().status,
+        "pending_approval"
+    );
+
+    // The queue shows what is left and the decided ones with their notes.
+    let page = ctx.admin.get("/approvals").await;
+    assert!(!page.body.contains("id=\"approval-pur_wait1\""));
+    assert!(page.body.contains("id=\"approval-pur_wait3\""));
+    assert!(
+        page.body
+            .contains("data-intent-id=\"pur_wait1\" data-outcome=\"approved\"")
+    );
+    assert!(
+        page.body
+            .contains("data-intent-id=\"pur_wait2\" data-outcome=\"declined\"")
+    );
+    assert!(
+        page.body
+            .contains("ok by finance, ticket #12 &lt;script&gt;")
+    );
+
+    // The detail page shows the approval with its note.
+    let d = ctx.admin.get("/transactions/pur_wait1").await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert!(d.body.contains("id=\"approval-note\""));
+    assert!(d.body.contains("ok by finance, ticket #12 &lt;script&gt;"));
+    assert!(
+        d.body
+            .contains("data-decided-by=\"admin\" data-outcome=\"approved\"")
+    );
+    let tx = ctx.admin.get("/transactions?status=approved").await;
+    assert!(tx.body.contains("data-intent-id=\"pur_wait1\""));
+}
+
+async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let other = ctx
+        .db
+        .create_agent(
+            &ctx.project,
+            Some("agt_other"),
+            "Other Bot",
+            &roony::auth::generate(),
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+    // 2026-11-20 12:00 UTC, then a day later each.
+    let day = 1_795_305_600 - 2 * 86_400 + 43_200;
+    for i in [
+        intent("pur_tx_a", &a, "approved", 1_500, "Acme Books", day),
+        intent(
+            "pur_tx_b",
+            &a,
+            "declined",
+            99_000,
+            "ACME Casino",
+            day + 86_400,
+        ),
+        intent(
+            "pur_tx_c",
+            &other.id,
+            "approved",
+            700,
+            "Paper Shop",
+            day + 2 * 86_400,
+        ),
+    ] {
+        ctx.db.insert_intent(&i).await.unwrap();
+    }
+    // An intent with a card, through the sync path.
+    let key = roony::auth::generate();
+    ctx.db
+        .create_sidecar(&ctx.project, "sc", &key, &Actor::system(), now())
+        .await
+        .unwrap();
+    let sidecar = ctx.db.find_sidecar(&key.key_id).await.unwrap().unwrap();
+    let snap = wire::IntentSnapshot {
+        id: "pur_tx_card".into(),
+        agent_id: a.clone(),
+        version: 2,
+        status: "approved".into(),
+        amount: 2_500,
+        currency: "USD".into(),
+        merchant_name: "Acme Cloud".into(),
+        merchant_domain: Some("cloud.example".into()),
+        merchant_country: Some("US".into()),
+        merchant_category: Some("computer_software_stores".into()),
+        description: Some("a server".into()),
+        reserved: 2_525,
+        expires_at: Some(day + 3 * 86_400 + 3600),
+        decision: wire::DecisionSnapshot {
+            id: "dec_tx_card".into(),
+            outcome: "approved".into(),
+            reasons: vec!["within_policy".into()],
+            decided_at: day + 3 * 86_400,
+        },
+        risk_score: Some(35),
+        risk_signals: vec!["new_merchant".into(), "burst".into()],
+        status_reason: None,
+        card: Some(wire::CardSnapshot {
+            stripe_card_id: "ic_tx_card".into(),
+            last4: "4242".into(),
+            exp_month: 12,
+            exp_year: 2030,
+            spending_limit: 2_525,
+        }),
+        created_at: day + 3 * 86_400,
+        updated_at: day + 3 * 86_400 + 2,
+    };
+    let ack = ctx
+        .db
+        .apply_events(
+            &sidecar,
+            &[wire::SyncEvent {
+                id: "pur_tx_card.2".into(),
+                action: "intent.issued".into(),
+                at: snap.updated_at,
+                intent: snap,
+            }],
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 1, "{ack:?}");
+    let meta = |n: &str, kind: &str| StripeEventMeta {
+        id: format!("evt_{n}"),
+        kind: kind.into(),
+        account: None,
+        created: now(),
+    };
+    let merchant = MerchantData {
+        name: "ACME CLOUD".into(),
+        country: Some("US".into()),
+        ..Default::default()
+    };
+    assert!(
+        ctx.db
+            .apply_authorization(
+                &meta("auth", "issuing_authorization.created"),
+                &StripeAuthorization {
+                    id: "iauth_tx_card".into(),
+                    card: StripeCard {
+                        id: "ic_tx_card".into(),
+                        ..Default::default()
+                    },
+                    amount: 2_500,
+                    currency: "usd".into(),
+                    approved: true,
+                    status: "closed".into(),
+                    merchant: merchant.clone(),
+                    pending_amount: None,
+                    pending_currency: None,
+                    request_reasons: vec![],
+                    last_request_amount: None,
+                    created: now(),
+                },
+                now(),
+            )
+            .await
+            .unwrap()
+    );
+    for (n, kind, amount) in [("ipi_cap", "capture", 2_500), ("ipi_ref", "refund", 500)] {
+        assert!(
+            ctx.db
+                .apply_transaction(
+                    &meta(n, "issuing_transaction.created"),
+                    &StripeTransaction {
+                        id: n.into(),
+                        card_id: "ic_tx_card".into(),
+                        authorization_id: (kind == "capture").then(|| "iauth_tx_card".into()),
+                        kind: kind.into(),
+                        amount,
+                        currency: "usd".into(),
+                        merchant: merchant.clone(),
+                        created: now(),
+                    },
+                    now(),
+                )
+                .await
+                .unwrap()
+        );
+    }
+
+    let ids = |body: &str| -> Vec<String> {
+        body.match_indices("data-test=\"tx-row\" data-intent-id=\"")
+            .map(|(i, m)| {
+                let rest = &body[i + m.len()..];
+                rest[..rest.find('"').unwrap()].to_string()
+            })
+            .collect()
+    };
+    let all = ctx.admin.get("/transactions").await;
+    assert_eq!(all.status, 200, "{}", all.body);
+    assert_eq!(
+        ids(&all.body),
+        ["pur_tx_card", "pur_tx_c", "pur_tx_b", "pur_tx_a"]
+    );
+    assert!(all.body.contains("•••• 4242"));
+    for (query, expected) in [
+        ("status=declined", vec!["pur_tx_b"]),
+        ("merchant=acme", vec!["pur_tx_card", "pur_tx_b", "pur_tx_a"]),
+        (
+            "merchant=acme&status=approved",
+            vec!["pur_tx_card", "pur_tx_a"],
+        ),
+        ("agent=agt_other", vec!["pur_tx_c"]),
+        ("from=2026-11-21&to=2026-11-21", vec!["pur_tx_b"]),
+        ("from=2026-11-22", vec!["pur_tx_card", "pur_tx_c"]),
+        ("min=10&max=25.00", vec!["pur_tx_card", "pur_tx_a"]),
+        ("min=25.01", vec!["pur_tx_b"]),
+        ("currency=usd&max=7", vec!["pur_tx_c"]),
+        ("merchant=%25", vec![]),
+    ] {
+        let p = ctx.admin.get(&format!("/transactions?{query}")).await;
+        assert_eq!(p.status, 200, "{query}: {}", p.body);
+        assert_eq!(ids(&p.body), expected, "{query}");
+    }
+    for bad in [
+        "from=2026-02-30",
+        "min=abc",
+        "status=bogus",
+        "cursor=%%%",
+        "currency=ZZZZ",
+    ] {
+        let p = ctx.admin.get(&format!("/transactions?{bad}")).await;
+        assert_eq!(p.status, 400, "{bad}");
+    }
+
+    // Cursor pagination: 50 per page.
+    for k in 0..50 {
+        ctx.db
+            .insert_intent(&intent(
+                &format!("pur_pg_{k:02}"),
+                &a,
+                "approved",
+                100,
+                "Bulk",
+                day - 86_400 - k,
+            ))
+            .await
+            .unwrap();
+    }
+    let first = ctx.admin.get("/transactions").await;
+    let first_ids = ids(&first.body);
+    assert_eq!(first_ids.len(), 50);
+    let start = first.body.find("id=\"next-page\"").expect("next page link");
+    let href_at = first.body[start..].find("href=\"").unwrap() + start + 6;
+    let href = &first.body[href_at..href_at + first.body[href_at..].find('"').unwrap()];
+    let second = ctx.admin.get(&href.replace("&amp;", "&")).await;
+    assert_eq!(second.status, 200);
+    let second_ids = ids(&second.body);
+    assert_eq!(second_ids.len(), 4);
+    assert!(second_ids.iter().all(|i| !first_ids.contains(i)));
+    assert!(!second.body.contains("id=\"next-page\""));
+
+    // The chain of one purchase.
+    let d = ctx.admin.get("/transactions/pur_tx_card").await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    for part in [
+        "id=\"chain-intent\"",
+        "id=\"chain-decisions\"",
+        "id=\"chain-approval\"",
+        "id=\"chain-card\"",
+        "id=\"chain-authorizations\"",
+        "id=\"chain-settlements\"",
+        "id=\"chain-discrepancies\"",
+        "id=\"chain-budget\"",
+        "data-card-id=\"ic_tx_card\"",
+        "4242",
+        "USD 25.00",
+        "new_merchant, burst",
+        "computer_software_stores",
+        "data-decided-by=\"sidecar\" data-outcome=\"approved\"",
+        "iauth_tx_card",
+        "data-test=\"settlement\" data-kind=\"capture\"",
+        "data-test=\"settlement\" data-kind=\"refund\"",
+        "ipi_ref",
+        "id=\"budget-captured\">USD 25.00</td>",
+        "id=\"budget-refunded\">USD 5.00</td>",
+    ] {
+        assert!(d.body.contains(part), "{part}");
+    }
+    assert_eq!(ctx.admin.get("/transactions/pur_nope").await.status, 404);
+    // Viewers may read.
+    assert_eq!(
+        ctx.viewer.get("/transactions/pur_tx_card").await.status,
+        200
+    );
+}
+
+async fn csv_export_quotes_and_guards(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let t = now() - 100;
+    let mut jpy = intent("pur_csv_jpy", &a, "approved", 1_200, "Tokyo Shop", t + 2);
+    jpy.currency = "JPY".into();
+    for i in [
+        intent(
+            "pur_csv_quote",
+            &a,
+            "approved",
+            1_240,
+            "Acme, \"Best\" Books",
+            t,
+        ),
+        intent(
+            "pur_csv_inject",
+            &a,
+            "declined",
+            5,
+            "=HYPERLINK(\"http://evil\")",
+            t + 1,
+        ),
+        jpy,
+    ] {
+        ctx.db.insert_intent(&i).await.unwrap();
+    }
+    let cookie = ctx
+        .admin
+        .jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let resp = ctx
+        .admin
+        .client
+        .get(format!("{}/transactions.csv", ctx.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/csv; charset=utf-8"
+    );
+    let disposition = resp.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        disposition.starts_with("attachment; filename=\"roony-transactions-20")
+            && disposition.ends_with(".csv\""),
+        "{disposition}"
+    );
+    let body = resp.text().await.unwrap();
+    let lines: Vec<&str> = body.split("\r\n").collect();
+    assert_eq!(
+        lines[0],
+        "created_at,intent_id,agent_id,agent_name,merchant,merchant_domain,status,amount,amount_minor,currency,captured,refunded,card_last4,reasons"
+    );
+    assert_eq!(lines.len(), 5, "{body}"); // header, 3 rows, trailing empty
+    assert!(lines[1].contains(",pur_csv_jpy,agt_buyer,Buyer Bot,Tokyo Shop,shop.example,approved,1200,1200,JPY,0,0,,within_policy"), "{}", lines[1]);
+    assert!(lines[2].contains(",pur_csv_inject,agt_buyer,Buyer Bot,\"'=HYPERLINK(\"\"http://evil\"\")\",shop.example,declined,0.05,5,USD,0.00,0.00,,exceeds_transaction_limit"), "{}", lines[2]);
+    assert!(lines[3].contains(",pur_csv_quote,agt_buyer,Buyer Bot,\"Acme, \"\"Best\"\" Books\",shop.example,approved,12.40,1240,USD,0.00,0.00,,within_policy"), "{}", lines[3]);
+    // Same filters as the list.
+    let p = ctx.admin.get("/transactions.csv?merchant=acme").await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.body.split("\r\n").filter(|l| !l.is_empty()).count(), 2);
+    assert!(p.body.contains("pur_csv_quote"));
+    assert_eq!(
+        ctx.admin.get("/transactions.csv?from=nope").await.status,
+        400
+    );
+    // Viewers may export.
+    assert_eq!(ctx.viewer.get("/transactions.csv").await.status, 200);
+}

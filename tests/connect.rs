@@ -66,6 +66,12 @@ where
         ConnectConfig::new(CLIENT_ID, PLATFORM_KEY, format!("{cp}/stripe/callback"));
     connect_config.connect_base_url = emu_url.clone();
     config.stripe_credentials = StripeCredentials::Connect(connect_config);
+    // Reconciliation is configured with the platform key; under Connect it must use the
+    // connected account's credential.
+    config.stripe = Some(roony::issuer::StripeConfig::new(
+        PLATFORM_KEY,
+        Some(emu_url.clone()),
+    ));
     let db = roony::control::open(&config).await.unwrap();
     let (cp_stop, cp_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(roony::control::serve_db(db.clone(), listener, async move {
@@ -617,6 +623,34 @@ async fn relay_end_to_end(ctx: Ctx) {
         .await
         .unwrap();
     assert_eq!(stats["accounts"][&account]["issuing.card"], 1, "{stats}");
+
+    // Reconciliation looks at the connected account: the card is found there (once the
+    // sidecar's outbox has put it in the ledger).
+    let card_id = body["card"]["id"].as_str().unwrap();
+    let db = ctx.db.clone();
+    common::procs::until(Duration::from_secs(10), "the card in the ledger", || {
+        let db = db.clone();
+        let card_id = card_id.to_string();
+        async move {
+            db.reconcile_card_view(&card_id, None)
+                .await
+                .unwrap()
+                .card_status
+                .is_some()
+        }
+    })
+    .await;
+    let run = roony::control::reconcile::run_now(&ctx.db, None, &admin())
+        .await
+        .unwrap();
+    assert_eq!(run.status, "ok", "{:?}", run.report.error);
+    let card_entries: Vec<_> = run
+        .report
+        .entries
+        .iter()
+        .filter(|e| serde_json::to_string(e).unwrap().contains(card_id))
+        .collect();
+    assert!(card_entries.is_empty(), "{card_entries:?}");
 
     // The relay checks card creations and refuses anything else.
     let relay = |path: &str| format!("{}/api/sync/v1/stripe/v1/{path}", ctx.cp);

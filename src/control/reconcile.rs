@@ -112,9 +112,12 @@ pub async fn run_now(
             ..Default::default()
         },
     };
-    let outcome = match Issuer::new(config.stripe.clone()) {
-        Ok(issuer) => r.run(&issuer).await,
-        Err(e) => Err(RunError::Stripe(e)),
+    let outcome = match stripe_for_run(db, &config.stripe).await {
+        Ok(stripe) => match Issuer::new(stripe) {
+            Ok(issuer) => r.run(&issuer).await,
+            Err(e) => Err(RunError::Stripe(e)),
+        },
+        Err(e) => Err(e),
     };
     let mut report = r.report;
     let status = match outcome {
@@ -169,6 +172,31 @@ enum RunError {
     Stripe(#[from] IssuerError),
     #[error("ledger: {0}")]
     Db(#[from] DbError),
+    #[error("stripe credentials: {0}")]
+    Credential(String),
+}
+
+/// The Stripe access of a run: under Stripe Connect, the organization's connected account
+/// (its access token; the platform key would list the platform's own cards), otherwise the
+/// configured key.
+async fn stripe_for_run(db: &ControlDb, base: &StripeConfig) -> Result<StripeConfig, RunError> {
+    if !matches!(
+        db.stripe_setup().credentials,
+        super::connect::StripeCredentials::Connect(_)
+    ) {
+        return Ok(base.clone());
+    }
+    let org = db
+        .default_org()
+        .await?
+        .ok_or_else(|| RunError::Credential("no organization".into()))?;
+    let credential = super::connect::issuing_credential(db, &org.id)
+        .await
+        .map_err(|e| RunError::Credential(format!("{} ({})", e, e.code())))?;
+    let mut stripe = base.clone();
+    stripe.api_key = credential.api_key;
+    stripe.account = credential.account;
+    Ok(stripe)
 }
 
 struct Run<'a> {

@@ -971,8 +971,15 @@ impl Store {
                 let moved = settlement.moved();
                 rec.settlement = Some(settlement);
                 let target = match rec.status {
+                    // Still open: hold what the card may still spend. The feed can get
+                    // here before the sidecar has recorded the card it is creating (the
+                    // card's webhook reaches the control plane while the creation is still
+                    // answering): then the reservation stands for the card.
                     IntentStatus::Approved | IntentStatus::Issuing if !u.closed => {
-                        moved.max(rec.card.as_ref().map_or(0, |c| c.spending_limit))
+                        moved.max(rec.card.as_ref().map_or_else(
+                            || rec.reservation.as_ref().map_or(0, |r| r.amount),
+                            |c| c.spending_limit,
+                        ))
                     }
                     IntentStatus::Approved if u.captured > 0 => {
                         rec.status = IntentStatus::Settled;

@@ -625,3 +625,47 @@ fn risk_history_is_bounded_and_recorded_with_the_decision() {
     let old: IntentRecord = serde_json::from_value(json).unwrap();
     assert_eq!(old.decision.risk, None);
 }
+
+/// The card's activity can arrive from the control plane before the sidecar has recorded
+/// the card it is still creating (the webhook of the creation outruns the answer through
+/// the relay): the intent's reservation must stand, not drop to what has moved (nothing).
+#[test]
+fn card_activity_before_the_card_keeps_the_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    agent(&s, 10_000);
+    let ids = counter();
+    let rec = new_record(
+        s.decide(
+            "agt_1",
+            intent(4_000, None),
+            T0,
+            &ids,
+            DecideOptions::default(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(rec.status, IntentStatus::Issuing);
+    assert!(rec.card.is_none());
+    assert_eq!(committed(&s), 4_000);
+    let update = wire::IntentUpdate {
+        seq: 1,
+        intent_id: rec.id.clone(),
+        agent_id: "agt_1".into(),
+        card_status: Some("active".into()),
+        authorizations: vec![],
+        captured: 0,
+        refunded: 0,
+        pending: 0,
+        closed: false,
+        discrepancies: vec![],
+    };
+    assert_eq!(s.apply_intent_updates(&[update], 1, T0 + 1).unwrap(), 1);
+    assert_eq!(
+        committed(&s),
+        4_000,
+        "the reservation stands for the card being created"
+    );
+    let after = s.intent(&rec.id).unwrap().unwrap();
+    assert_eq!(after.reservation.map(|r| r.amount), Some(4_000));
+}

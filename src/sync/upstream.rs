@@ -208,8 +208,6 @@ impl Upstream {
         self.last_contact.load(Ordering::Acquire)
     }
 
-    /// True when the control plane has not been reached for longer than the offline limit
-    /// (a sidecar that never reached it and has no persisted bundle counts from start-up).
     /// Notes the Stripe connection status of the last applied bundle.
     pub fn set_stripe_status(&self, stripe: Option<&crate::sync::wire::BundleStripe>) {
         let disconnected = stripe.is_some_and(|s| s.is_disconnected());
@@ -223,6 +221,8 @@ impl Upstream {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// True when the control plane has not been reached for longer than the offline limit
+    /// (a sidecar that never reached it and has no persisted bundle counts from start-up).
     pub fn offline(&self, now: i64) -> bool {
         let last = self.last_contact();
         last > 0 && now.saturating_sub(last) > self.offline_limit_secs

@@ -2,17 +2,20 @@
 (Selenium), against a real ``roony dev`` (control plane + sidecar + Stripe emulator).
 
 One journey, in order (each step depends on the previous one):
-sign in → create an agent (its key, shown once, works at the sidecar) → edit the demo
-agent's policy, see the validation error, publish it → an agent's purchase above the
-approval threshold waits in the approvals queue → approve it with a note → the agent
-gets its card → the purchase and its chain are in transactions → CSV export → connect
-Stripe through the emulator's OAuth page.
+sign in → connect Stripe through the emulator's OAuth page → some purchases and charges →
+create an agent (its key, shown once, works at the sidecar) → dry run a tighter budget →
+edit the demo agent's policy, see the validation error, publish it (the sidecar enforces
+it) → an agent's purchase above the approval threshold waits in the approvals queue →
+approve it with a note → the agent gets its card (API and MCP) → the merchant's charge
+joins the purchase's chain in transactions → CSV export → the other pages → disconnect
+Stripe (purchases decline with stripe_account_disconnected) → sign out.
 
 Screenshots of the main pages are written to ``$ROONY_SCREENSHOTS_DIR`` (the committed
 ones in docs/screenshots come from ``ROONY_SCREENSHOTS_DIR=docs/screenshots``), else to a
 temporary directory.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -20,8 +23,11 @@ import socket
 import subprocess
 import time
 
+import httpx2
 import pytest
 import requests
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -363,6 +369,17 @@ def test_admin_journey(roony_bin, dev, browser, shots):
 
     got = eventually(agent_has_card, "the approved card at the agent")
     assert got["card"]["last4"]
+
+    # … and so does an MCP client (the official SDK over streamable HTTP).
+    async def mcp_get():
+        http = httpx2.AsyncClient(headers=agent_headers(), timeout=30)
+        async with Client(streamable_http_client(f"{sidecar}/mcp", http_client=http)) as c:
+            return await c.call_tool("get_purchase", {"id": intent_id})
+
+    via_mcp = asyncio.run(asyncio.wait_for(mcp_get(), timeout=60))
+    assert not via_mcp.is_error, via_mcp.content
+    assert via_mcp.structured_content["status"] == "approved"
+    assert via_mcp.structured_content["card"]["last4"] == got["card"]["last4"]
 
     # The merchant charges the approved card: the real-time authorization and the capture
     # join the purchase's chain.

@@ -715,6 +715,69 @@ async fn relay_end_to_end(ctx: Ctx) {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // Every limit counts: a tiny limit on one category next to a huge one is refused, as
+    // are per-category limits, another currency, unparsable amounts and query strings
+    // (Stripe would merge them into the checked body).
+    let mut two_limits = card_form(100);
+    two_limits.push((
+        "spending_controls[spending_limits][1][amount]".into(),
+        "100000000".into(),
+    ));
+    two_limits.push((
+        "spending_controls[spending_limits][1][interval]".into(),
+        "per_authorization".into(),
+    ));
+    let mut per_category = card_form(100);
+    per_category.push((
+        "spending_controls[spending_limits][0][categories][0]".into(),
+        "ambulance_services".into(),
+    ));
+    let mut other_currency = card_form(100);
+    other_currency.retain(|(k, _)| k != "currency");
+    other_currency.push(("currency".into(), "eur".into()));
+    let mut unparsable = card_form(100);
+    unparsable.retain(|(k, _)| !k.ends_with("[0][amount]"));
+    unparsable.push((
+        "spending_controls[spending_limits][0][amount]".into(),
+        "12.5".into(),
+    ));
+    for (what, form, status) in [
+        ("two limits", &two_limits, 403),
+        ("per-category limit", &per_category, 403),
+        ("other currency", &other_currency, 403),
+        ("unparsable amount", &unparsable, 400),
+    ] {
+        let r = ctx
+            .http
+            .post(relay("issuing/cards"))
+            .bearer_auth(&token)
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+    }
+    let r = ctx
+        .http
+        .post(relay(
+            "issuing/cards?spending_controls[spending_limits][0][amount]=99999999",
+        ))
+        .bearer_auth(&token)
+        .form(&card_form(100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a query string on a POST");
+    let r = ctx
+        .http
+        .post(relay(&format!("issuing/cards/{card_id}?status=active")))
+        .bearer_auth(&token)
+        .form(&[("status", "canceled")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a query string on a cancel");
+
     let mut no_meta = card_form(100);
     no_meta.retain(|(k, _)| !k.starts_with("metadata"));
     let r = ctx

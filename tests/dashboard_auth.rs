@@ -235,6 +235,10 @@ async fn open_redirects_refused(ctx: Ctx) {
         ("//evil.example/x", "/"),
         ("https://evil.example/", "/"),
         ("/\\evil.example", "/"),
+        // Browsers drop tabs and newlines from URLs: "/\t/evil" would be "//evil".
+        ("/\t/evil.example", "/"),
+        ("/\n/evil.example", "/"),
+        ("/a b", "/"),
     ] {
         let mut d = Dash::new(&ctx.base);
         let form = d.get("/login").await;

@@ -742,8 +742,11 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
         ("agent=agt_other", vec!["pur_tx_c"]),
         ("from=2026-11-21&to=2026-11-21", vec!["pur_tx_b"]),
         ("from=2026-11-22", vec!["pur_tx_card", "pur_tx_c"]),
-        ("min=10&max=25.00", vec!["pur_tx_card", "pur_tx_a"]),
-        ("min=25.01", vec!["pur_tx_b"]),
+        (
+            "currency=usd&min=10&max=25.00",
+            vec!["pur_tx_card", "pur_tx_a"],
+        ),
+        ("currency=usd&min=25.01", vec!["pur_tx_b"]),
         ("currency=usd&max=7", vec!["pur_tx_c"]),
         ("merchant=%25", vec![]),
     ] {
@@ -753,7 +756,9 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
     }
     for bad in [
         "from=2026-02-30",
-        "min=abc",
+        "currency=usd&min=abc",
+        // An amount bound means minor units of one currency: it needs the currency.
+        "min=10",
         "status=bogus",
         "cursor=%%%",
         "currency=ZZZZ",

@@ -602,7 +602,12 @@ pub async fn refresh(
         ],
     )
     .await?;
-    let tokens = parse_tokens(answer)?;
+    let mut tokens = parse_tokens(answer)?;
+    // Stripe may keep the refresh token: store it again, sealed under the current key, so
+    // the row's key id is true of both tokens (an operator retires old keys by it).
+    if tokens.refresh_token.is_none() {
+        tokens.refresh_token = Some(refresh_token);
+    }
     if Some(&tokens.stripe_user_id) != row.account_id.as_ref() {
         return Err(ConnectError::Exchange {
             error: "account_mismatch".into(),

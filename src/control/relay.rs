@@ -109,6 +109,28 @@ fn classify<'a>(method: &Method, path: &'a str) -> Option<Call<'a>> {
     }
 }
 
+/// The query strings the relay forwards: none on a `POST`; on a card retrieval only
+/// `expand[]=number` and `expand[]=cvc` (the issuer's).
+fn query_allowed(call: &Call<'_>, query: Option<&str>) -> bool {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return true;
+    };
+    match call {
+        Call::RetrieveCard => query.split('&').all(|pair| {
+            let decoded = percent_encoding::percent_decode_str(pair).decode_utf8_lossy();
+            let Some((key, value)) = decoded.split_once('=') else {
+                return false;
+            };
+            let index = key
+                .strip_prefix("expand[")
+                .and_then(|k| k.strip_suffix(']'));
+            index.is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()))
+                && matches!(value, "number" | "cvc")
+        }),
+        _ => false,
+    }
+}
+
 /// `ANY /api/sync/v1/stripe/v1/{*path}`.
 pub async fn relay(
     State(state): State<AdminState>,
@@ -136,6 +158,11 @@ pub async fn relay(
     };
     if headers.contains_key("stripe-account") {
         return forbidden("the relay chooses the stripe account");
+    }
+    // Stripe reads parameters from the query string of a POST too: only the body (which
+    // the checks read) may carry them, and a retrieval may only expand number and cvc.
+    if !query_allowed(&call, query.as_deref()) {
+        return forbidden("the relay does not forward these query parameters");
     }
     let credential = match connect::issuing_credential(&state.db, &sidecar.org_id).await {
         Ok(c) => c,
@@ -392,22 +419,6 @@ async fn check_card(
     if agent.status != "active" {
         return Err(forbidden("the agent is frozen"));
     }
-    let limits: Vec<i64> = params
-        .get("spending_controls")
-        .and_then(Value::as_object)
-        .map(|c| items(c.get("spending_limits")))
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|l| {
-            let amount = l.get("amount")?;
-            amount
-                .as_i64()
-                .or_else(|| amount.as_str().and_then(|s| s.parse().ok()))
-        })
-        .collect();
-    let Some(limit) = limits.iter().copied().min() else {
-        return Err(invalid("a card needs a spending limit"));
-    };
     let policy = match state.db.get_policy(agent_id).await {
         Ok(p) => Some(p.document),
         Err(super::db::DbError::NotFound(_)) => None,
@@ -419,21 +430,79 @@ async fn check_card(
     let Some(policy) = policy else {
         return Err(forbidden("the agent has no policy"));
     };
-    if let Some(max) = policy.get("max_per_transaction").and_then(Value::as_i64) {
-        let bps = policy
-            .get("card_buffer_bps")
-            .and_then(Value::as_i64)
-            .unwrap_or(DEFAULT_BUFFER_BPS);
-        let allowed = max.saturating_add(max.saturating_mul(bps) / 10_000);
-        if limit > allowed {
-            tracing::warn!(sidecar = %sidecar.id, agent = %agent_id, limit, allowed,
-                "relay refused a card above the agent's per-transaction maximum");
+    // The card's currency is the policy's.
+    let card_currency = params
+        .get("currency")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let policy_currency = policy
+        .get("currency")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if card_currency.is_empty() || !card_currency.eq_ignore_ascii_case(policy_currency) {
+        return Err(forbidden(
+            "the card's currency is not the agent's policy currency",
+        ));
+    }
+    let allowed = ceiling(&policy).ok_or_else(|| {
+        forbidden("the agent's policy sets no per-transaction maximum or budget to check the card against")
+    })?;
+    // Every limit counts (Stripe applies each one): each must parse, apply to all
+    // categories, and stay within the ceiling.
+    let limits = params
+        .get("spending_controls")
+        .and_then(Value::as_object)
+        .map(|c| items(c.get("spending_limits")))
+        .unwrap_or_default();
+    if limits.is_empty() {
+        return Err(invalid("a card needs a spending limit"));
+    }
+    for l in limits {
+        let amount = l.get("amount").and_then(|a| {
+            a.as_i64()
+                .or_else(|| a.as_str().and_then(|s| s.parse::<i64>().ok()))
+        });
+        let Some(amount) = amount.filter(|a| *a >= 0) else {
+            return Err(invalid(
+                "a spending limit's amount is not a whole number of minor units",
+            ));
+        };
+        if l.get("categories").is_some() {
+            return Err(forbidden(
+                "the relay does not forward per-category spending limits",
+            ));
+        }
+        if amount > allowed {
+            tracing::warn!(sidecar = %sidecar.id, agent = %agent_id, amount, allowed,
+                "relay refused a card above the agent's policy");
             return Err(forbidden(
                 "the spending limit is above the agent's per-transaction maximum",
             ));
         }
     }
     Ok(())
+}
+
+/// The largest card the policy allows: its per-transaction maximum, else its smallest
+/// budget, plus the card buffer. `None` when the policy bounds neither (the relay then
+/// refuses: deny by default).
+fn ceiling(policy: &Value) -> Option<i64> {
+    let base = policy
+        .get("max_per_transaction")
+        .and_then(Value::as_i64)
+        .or_else(|| {
+            policy
+                .get("budgets")
+                .and_then(Value::as_array)?
+                .iter()
+                .filter_map(|b| b.get("limit").and_then(Value::as_i64))
+                .min()
+        })?;
+    let bps = policy
+        .get("card_buffer_bps")
+        .and_then(Value::as_i64)
+        .unwrap_or(DEFAULT_BUFFER_BPS);
+    Some(base.saturating_add(base.saturating_mul(bps) / 10_000))
 }
 
 /// Whether a card (Stripe's JSON) was issued for an agent of the sidecar's project.
@@ -474,5 +543,38 @@ mod tests {
         assert!(classify(&Method::POST, "accounts").is_none());
         assert!(classify(&Method::GET, "issuing/cards/../accounts").is_none());
         assert!(classify(&Method::POST, "test_helpers/issuing/authorizations").is_none());
+    }
+
+    #[test]
+    fn query_strings() {
+        let create = Call::CreateCard;
+        let cancel = Call::CancelCard("ic_1");
+        let get = Call::RetrieveCard;
+        assert!(query_allowed(&create, None));
+        assert!(query_allowed(&create, Some("")));
+        // A POST's query would bypass the body checks (Stripe merges it in).
+        assert!(!query_allowed(
+            &create,
+            Some("spending_controls[spending_limits][0][amount]=1")
+        ));
+        assert!(!query_allowed(&cancel, Some("status=active")));
+        assert!(query_allowed(
+            &get,
+            Some("expand%5B0%5D=number&expand%5B1%5D=cvc")
+        ));
+        assert!(query_allowed(&get, Some("expand[]=number&expand[]=cvc")));
+        assert!(!query_allowed(&get, Some("expand[0]=cardholder")));
+        assert!(!query_allowed(&get, Some("expand[0]=number&status=active")));
+    }
+
+    #[test]
+    fn ceilings() {
+        let p = serde_json::json!({"currency": "USD", "max_per_transaction": 10_000});
+        assert_eq!(ceiling(&p), Some(10_100));
+        let p = serde_json::json!({"currency": "USD", "card_buffer_bps": 0,
+            "budgets": [{"period": "daily", "limit": 25_000}, {"period": "monthly", "limit": 90_000}]});
+        assert_eq!(ceiling(&p), Some(25_000));
+        // Nothing bounds the card: refused (deny by default).
+        assert_eq!(ceiling(&serde_json::json!({"currency": "USD"})), None);
     }
 }

@@ -71,9 +71,22 @@ impl DashState {
             .is_some_and(|h| crate::auth::verify(token, &h))
     }
 
-    fn disarm_setup_token(&self) {
+    /// Takes the armed token's hash out if `token` matches it (one use).
+    fn take_setup_token(&self, token: &str) -> Option<String> {
+        let mut slot = self.setup_token_hash.lock().ok()?;
+        if slot
+            .as_deref()
+            .is_some_and(|h| crate::auth::verify(token, h))
+        {
+            slot.take()
+        } else {
+            None
+        }
+    }
+
+    fn restore_setup_token(&self, hash: String) {
         if let Ok(mut slot) = self.setup_token_hash.lock() {
-            *slot = None;
+            *slot = Some(hash);
         }
     }
 }
@@ -239,7 +252,16 @@ pub struct NextQuery {
 /// Only same-site paths are followed after sign-in.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        // A path on this site: printable ASCII without spaces (browsers drop tabs and
+        // newlines from URLs, so "/\t/host" would become "//host"), not "//" or "/\".
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
@@ -479,7 +501,16 @@ async fn setup_submit(
         name: "setup".into(),
         request_id: None,
     };
-    state
+    // One use: the token leaves its slot before the admin is created (two concurrent
+    // submissions cannot both create one), and comes back only if creating failed.
+    let Some(armed) = state.take_setup_token(&form.token) else {
+        return Err(PageError::new(
+            StatusCode::NOT_FOUND,
+            "setup_unavailable",
+            "setup is over or the link is not valid; sign in instead",
+        ));
+    };
+    if let Err(e) = state
         .db
         .create_admin_user(
             &form.email,
@@ -489,8 +520,11 @@ async fn setup_submit(
             &actor,
             auth::unix_now(),
         )
-        .await?;
-    state.disarm_setup_token();
+        .await
+    {
+        state.restore_setup_token(armed);
+        return Err(e.into());
+    }
     Ok(redirect_with_flash(
         "/login",
         "admin created; sign in",

@@ -179,6 +179,14 @@ fn filter_of(q: &TxQuery) -> Result<TxFilter, PageError> {
         })?),
         None => None,
     };
+    // Amounts mean minor units of one currency: a bound needs the currency (USD 1 is 100
+    // minor units, JPY 1 is 1).
+    if currency.is_none() && (field(&q.min).is_some() || field(&q.max).is_some()) {
+        return Err(bad(
+            "currency_required",
+            "choose a currency to filter by amount",
+        ));
+    }
     let exponent = currency.map(|c| c.exponent()).unwrap_or(2);
     let day = |v: &Option<String>, what: &str| -> Result<Option<i64>, PageError> {
         match field(v) {

@@ -36,15 +36,16 @@ const NAV: &[(Nav, &str, &str)] = &[
     (Nav::Settings, "/settings", "Settings"),
 ];
 
-const HTMX_CONFIG: &str = r#"{"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":true}]}"#;
+/// htmx settings: boosted forms show 4xx pages like a plain submission would; no history
+/// snapshots (htmx would otherwise keep pages — including a key shown once — in
+/// localStorage; back/forward fetch the page again instead).
+const HTMX_CONFIG: &str = r#"{"historyCacheSize":0,"refreshOnHistoryMiss":true,"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":true}]}"#;
 
 fn head(title: &str) -> Markup {
     html! {
         head {
             meta charset="utf-8";
             meta name="viewport" content="width=device-width, initial-scale=1";
-            // Boosted forms show 4xx pages (validation errors, refusals) like a plain
-            // submission would, instead of htmx's default of ignoring them.
             meta name="htmx-config" content=(HTMX_CONFIG);
             title { (title) " · Roony" }
             link rel="stylesheet" href="/assets/app.css";

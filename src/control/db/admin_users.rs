@@ -238,6 +238,14 @@ impl ControlDb {
         now: i64,
     ) -> Result<AdminUser, DbError> {
         let mut tx = self.tx().await?;
+        // Serialize with other role changes (a no-op update locks the enabled admins on
+        // PostgreSQL; SQLite's write transactions are serial anyway), so two admins
+        // demoting each other at once cannot leave none.
+        sqlx::query(
+            "UPDATE admin_users SET role = role WHERE role = 'admin' AND disabled_at IS NULL",
+        )
+        .execute(&mut *tx)
+        .await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {USER_COLUMNS} FROM admin_users WHERE id = $1"
         )))
@@ -248,7 +256,8 @@ impl ControlDb {
         let mut user = user_from_row(&row)?;
         if role != Role::Admin || disabled {
             let others: i64 = sqlx::query(
-                "SELECT COUNT(*) AS n FROM admin_users WHERE role = 'admin' AND disabled_at IS NULL AND id <> $1",
+                "SELECT COUNT(*) AS n FROM admin_users WHERE role = 'admin' AND disabled_at IS NULL \
+                 AND password_hash IS NOT NULL AND id <> $1",
             )
             .bind(user_id.to_string())
             .fetch_one(&mut *tx)

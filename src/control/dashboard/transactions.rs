@@ -632,6 +632,7 @@ mod tests {
             max: Some(" ".into()),
             to: Some("1970-01-01".into()),
             merchant: Some("acme".into()),
+            currency: Some("usd".into()),
             ..TxQuery::default()
         };
         let f = filter_of(&q).unwrap();
@@ -640,8 +641,21 @@ mod tests {
         assert_eq!(f.created_to, Some(86_400));
         assert_eq!(
             filter_query(&q),
-            "merchant=acme&to=1970%2D01%2D01&min=1%2E50"
+            "merchant=acme&currency=usd&to=1970%2D01%2D01&min=1%2E50"
         );
+        // In JPY (no minor units) an amount is whole yen.
+        let jpy = TxQuery {
+            min: Some("2".into()),
+            currency: Some("jpy".into()),
+            ..TxQuery::default()
+        };
+        assert_eq!(filter_of(&jpy).unwrap().min_amount, Some(2));
+        // An amount bound without a currency is ambiguous.
+        let no_currency = TxQuery {
+            min: Some("1.50".into()),
+            ..TxQuery::default()
+        };
+        assert!(filter_of(&no_currency).is_err());
         for bad in [
             TxQuery {
                 status: Some("nope".into()),
@@ -653,6 +667,7 @@ mod tests {
             },
             TxQuery {
                 min: Some("abc".into()),
+                currency: Some("usd".into()),
                 ..TxQuery::default()
             },
             TxQuery {

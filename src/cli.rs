@@ -219,6 +219,15 @@ pub struct ControlArgs {
     /// `{public url}/stripe/callback`); default `http://<listen>`.
     #[arg(long, env = "ROONY_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Reverse proxies (addresses or CIDR blocks, comma separated) whose X-Forwarded-For
+    /// names the client, e.g. the ingress: sign-in attempts are then limited per client,
+    /// not per proxy. Default: none (the TCP peer is the client).
+    #[arg(long, env = "ROONY_TRUSTED_PROXIES", value_parser = parse_trusted_proxies)]
+    pub trusted_proxies: Option<crate::ratelimit::TrustedProxies>,
+}
+
+fn parse_trusted_proxies(s: &str) -> Result<crate::ratelimit::TrustedProxies, String> {
+    crate::ratelimit::TrustedProxies::parse(s)
 }
 
 /// Secrets (the database URL's password, the admin token, webhook secrets) redacted.
@@ -258,6 +267,7 @@ impl std::fmt::Debug for ControlArgs {
             )
             .field("secrets_key_file", &self.secrets_key_file)
             .field("public_url", &self.public_url)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -290,6 +300,7 @@ impl ControlArgs {
         c.reconcile_interval = std::time::Duration::from_secs(self.reconcile_interval_seconds);
         c.stripe_base_url = self.stripe_base_url.clone();
         c.public_url = self.public_url.clone();
+        c.trusted_proxies = self.trusted_proxies.clone().unwrap_or_default();
         c
     }
 

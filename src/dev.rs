@@ -142,7 +142,15 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
                     crate::control::connect::CALLBACK_PATH
                 ),
             );
-            connect.connect_base_url = format!("http://{emulator_addr}");
+            // Stripe's OAuth pages are on another site than the dashboard; so are the
+            // emulator's here when it listens on a loopback address (`localhost` and
+            // `127.0.0.1` are different sites), which makes the redirect back to the
+            // callback cross-site, as with Stripe (the session cookie must survive it).
+            connect.connect_base_url = if emulator_addr.ip().is_loopback() {
+                format!("http://localhost:{}", emulator_addr.port())
+            } else {
+                format!("http://{emulator_addr}")
+            };
             crate::control::connect::StripeCredentials::Connect(connect)
         } else {
             crate::control::connect::StripeCredentials::Direct {

@@ -178,6 +178,31 @@ impl<K: Hash + Eq + Send + Sync + 'static> RateLimiter<K> {
         self.interval.is_some()
     }
 
+    /// Whether `key`'s bucket has a token, without taking it.
+    pub fn peek(&self, key: &K) -> Result<(), RetryAfter> {
+        let Some(interval) = self.interval else {
+            return Ok(());
+        };
+        let now = self.clock.now_nanos();
+        let Some(cell) = self.buckets.get(key) else {
+            return Ok(());
+        };
+        let next = cell
+            .load(Ordering::Acquire)
+            .max(now)
+            .saturating_add(interval);
+        let ahead = next - now;
+        if ahead > self.tolerance {
+            return Err(RetryAfter(Duration::from_nanos(ahead - self.tolerance)));
+        }
+        Ok(())
+    }
+
+    /// Refills `key`'s bucket (forgets it).
+    pub fn reset(&self, key: &K) {
+        self.buckets.invalidate(key);
+    }
+
     /// Takes a token from `key`'s bucket, or says how long until one is available.
     pub fn check(&self, key: K) -> Result<(), RetryAfter> {
         let Some(interval) = self.interval else {
@@ -282,6 +307,79 @@ impl RateLimitArgs {
                 self.unauthenticated_rate_limit_burst,
             ),
         }
+    }
+}
+
+/// The proxies whose `X-Forwarded-For` is believed (`--trusted-proxies`): addresses or
+/// CIDR blocks. Empty (the default): the TCP peer is the client, whatever headers say.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Parses `10.0.0.0/8, 127.0.0.1, fd00::/8` (commas or whitespace between entries).
+    pub fn parse(list: &str) -> Result<TrustedProxies, String> {
+        let mut out = Vec::new();
+        for entry in list.split([',', ' ', '\n', '\t']).filter(|e| !e.is_empty()) {
+            let (addr, len) = match entry.split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (entry, None),
+            };
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| format!("trusted proxy {entry:?} is not an address or CIDR block"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len =
+                match len {
+                    Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                        format!("trusted proxy {entry:?} has a bad prefix length")
+                    })?,
+                    None => max,
+                };
+            out.push((ip.to_canonical(), len));
+        }
+        Ok(TrustedProxies(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|(net, len)| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                u32::from(*n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                u128::from(*n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// The client's address: the peer, or — when the peer is a trusted proxy — the
+    /// right-most address of `X-Forwarded-For` that is not a trusted proxy (the left part
+    /// of that header is whatever the client wrote).
+    pub fn client_ip(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect();
+        forwarded
+            .iter()
+            .rev()
+            .find(|a| !self.trusts(**a))
+            .or(forwarded.first())
+            .copied()
+            .unwrap_or(peer)
     }
 }
 
@@ -406,6 +504,42 @@ fn too_many_requests(refused: Refused) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn trusted_proxies() {
+        use super::TrustedProxies;
+        use axum::http::{HeaderMap, HeaderValue};
+        use std::net::IpAddr;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.1.2.3"),
+        );
+        // Nobody trusted: the peer, whatever the header says.
+        let none = TrustedProxies::default();
+        assert_eq!(none.client_ip(ip("10.0.0.9"), &h), ip("10.0.0.9"));
+        // The ingress (10.0.0.0/8) is trusted: the right-most untrusted address.
+        let t = TrustedProxies::parse("10.0.0.0/8, ::1").unwrap();
+        assert_eq!(t.client_ip(ip("10.0.0.9"), &h), ip("203.0.113.7"));
+        // A peer outside the list is the client even with the header.
+        assert_eq!(t.client_ip(ip("198.51.100.1"), &h), ip("198.51.100.1"));
+        // IPv4-mapped peers match IPv4 blocks.
+        assert_eq!(t.client_ip(ip("::ffff:10.0.0.9"), &h), ip("203.0.113.7"));
+        // No header: the peer.
+        assert_eq!(
+            t.client_ip(ip("10.0.0.9"), &HeaderMap::new()),
+            ip("10.0.0.9")
+        );
+        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
+        assert!(TrustedProxies::parse("proxy.example").is_err());
+        assert_eq!(
+            TrustedProxies::parse("").unwrap(),
+            TrustedProxies::default()
+        );
+        let all4 = TrustedProxies::parse("0.0.0.0/0").unwrap();
+        assert_eq!(all4.client_ip(ip("1.2.3.4"), &h), ip("6.6.6.6"));
+    }
+
     use super::*;
 
     fn limiter(rate: f64, burst: u32) -> (RateLimiter<&'static str>, Arc<ManualClock>) {

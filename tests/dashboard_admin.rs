@@ -228,11 +228,13 @@ fn declined(id: &str, agent: &str) -> NewIntent {
 fn post_forms(body: &str) -> Vec<String> {
     body.match_indices("<form")
         .map(|(i, _)| body[i..i + body[i..].find('>').unwrap()].to_string())
-        // A viewer may sign out and change their own password, nothing else.
+        // A viewer may sign out, change their own password and verify the audit chain
+        // (it reads only), nothing else.
         .filter(|f| {
             f.contains("method=\"post\"")
                 && !f.contains("action=\"/logout\"")
                 && !f.contains("action=\"/settings/password\"")
+                && !f.contains("action=\"/audit/verify\"")
         })
         .collect()
 }
@@ -607,8 +609,9 @@ async fn viewers_and_csrf(ctx: Ctx) {
         ("/settings/sidecars/sc_nope/revoke".into(), vec![]),
     ];
     for (path, form) in &posts {
-        if path == "/settings/password" {
-            // Their own account: allowed (tests/dashboard_auth.rs).
+        if path == "/settings/password" || path == "/audit/verify" {
+            // Their own account (tests/dashboard_auth.rs) and reading the audit chain
+            // (tests/dashboard_hardening.rs): allowed.
             continue;
         }
         let p = v.post(path, form).await;

@@ -75,7 +75,7 @@ async fn hashes_cookies_and_csrf(ctx: Ctx) {
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     assert!(!hash.contains(PASSWORD));
 
-    // The session cookie: HttpOnly, SameSite=Strict, and Secure unless the dashboard is
+    // The session cookie: HttpOnly, SameSite=Lax, and Secure unless the dashboard is
     // reached over plain HTTP on a loopback address.
     let mut fresh = Dash::new(&ctx.base);
     let page = fresh.login("ops@example.com", PASSWORD).await;
@@ -85,7 +85,7 @@ async fn hashes_cookies_and_csrf(ctx: Ctx) {
         .iter()
         .find(|c| c.starts_with("roony_session="))
         .unwrap();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"));
     let resp = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -164,6 +164,19 @@ impl From<DbError> for AdminError {
             DbError::Conflict(message) => {
                 AdminError::new(StatusCode::CONFLICT, "conflict", message)
             }
+            DbError::StalePolicy { base, current } => AdminError::new(
+                StatusCode::CONFLICT,
+                "policy_changed",
+                format!(
+                    "revision {current} of the policy was published after revision {base}, which this change was based on; reload and apply the change again"
+                ),
+            ),
+            DbError::InvalidInput(_) => AdminError::new(
+                StatusCode::BAD_REQUEST,
+                super::guard::CODE,
+                "the request contains characters that cannot be stored (such as NUL); remove them"
+                    .to_string(),
+            ),
             other => AdminError::internal(other),
         }
     }
@@ -2085,6 +2098,9 @@ pub fn router_with_dashboard(
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AdminState { db, stopping })
         .merge(super::dashboard::router(dashboard))
+        .layer(axum::middleware::from_fn(
+            super::guard::reject_control_characters,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             AdminError::new(
@@ -2117,8 +2133,13 @@ async fn healthz(State(state): State<AdminState>) -> Response {
     }
 }
 
-async fn not_found() -> AdminError {
-    AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+/// Unknown paths: the admin API's JSON error under `/api/`, the dashboard's page elsewhere.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/") || uri.path() == "/healthz" {
+        AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint").into_response()
+    } else {
+        super::dashboard::not_found_page()
+    }
 }
 
 async fn method_not_allowed() -> AdminError {

@@ -69,6 +69,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dashboard",
         include_str!("../../migrations/0010_dashboard.sql"),
     ),
+    (
+        12,
+        "form nonces",
+        include_str!("../../migrations/0012_form_nonces.sql"),
+    ),
 ];
 
 pub mod admin_users;
@@ -106,6 +111,13 @@ pub enum DbError {
     Sql(sqlx::Error),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    /// The database refused a value (PostgreSQL: a NUL or a character the encoding cannot
+    /// hold). A client's mistake, answered with a 4xx; nothing was written.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A policy write based on revision `base` while `current` is the current one.
+    #[error("the policy changed: revision {current} is current, the draft was based on {base}")]
+    StalePolicy { base: i64, current: i64 },
 }
 
 impl From<sqlx::Error> for DbError {
@@ -114,6 +126,12 @@ impl From<sqlx::Error> for DbError {
             && db.kind() == sqlx::error::ErrorKind::UniqueViolation
         {
             return DbError::Conflict(db.message().to_lowercase());
+        }
+        // 22021 character_not_in_repertoire (a NUL in text), 22P05 untranslatable_character.
+        if let sqlx::Error::Database(db) = &e
+            && matches!(db.code().as_deref(), Some("22021" | "22P05"))
+        {
+            return DbError::InvalidInput(db.message().to_lowercase());
         }
         DbError::Sql(e)
     }
@@ -294,6 +312,8 @@ pub struct ControlDb {
     reconcile: std::sync::Arc<super::reconcile::ReconcileState>,
     /// Stripe credentials (Connect or direct) and the secrets key (`db/connect.rs`).
     stripe_setup: std::sync::Arc<super::connect::StripeSetup>,
+    /// Proxies whose `X-Forwarded-For` the server believes (sign-in limits per address).
+    trusted_proxies: std::sync::Arc<crate::ratelimit::TrustedProxies>,
 }
 
 /// A sidecar as the sync endpoints authenticate it.
@@ -400,7 +420,19 @@ impl ControlDb {
             webhooks: Default::default(),
             reconcile: Default::default(),
             stripe_setup: Default::default(),
+            trusted_proxies: Default::default(),
         })
+    }
+
+    /// This database with the proxies its server trusts for client addresses.
+    pub fn with_trusted_proxies(mut self, proxies: crate::ratelimit::TrustedProxies) -> ControlDb {
+        self.trusted_proxies = std::sync::Arc::new(proxies);
+        self
+    }
+
+    /// See [`ControlDb::with_trusted_proxies`].
+    pub fn trusted_proxies(&self) -> &crate::ratelimit::TrustedProxies {
+        &self.trusted_proxies
     }
 
     /// This database with the Stripe webhook settings its server uses.
@@ -903,6 +935,24 @@ impl ControlDb {
         actor: &Actor,
         now: i64,
     ) -> Result<Agent, DbError> {
+        self.create_agent_with_policy(project_id, agent_id, name, key, None, actor, now)
+            .await
+            .map(|(agent, _)| agent)
+    }
+
+    /// [`ControlDb::create_agent`] with its first policy revision (validated JSON) in the
+    /// same transaction: either both exist afterwards or neither.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_agent_with_policy(
+        &self,
+        project_id: &str,
+        agent_id: Option<&str>,
+        name: &str,
+        key: &crate::auth::NewKey,
+        policy: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(Agent, Option<PolicyRevision>), DbError> {
         let mut tx = self.tx().await?;
         let project =
             sqlx::query("SELECT id, org_id, name, created_at FROM projects WHERE id = $1")
@@ -943,8 +993,14 @@ impl ControlDb {
             now,
         )
         .await?;
+        let revision = match policy {
+            Some(doc) => {
+                Some(Self::write_policy_revision(&mut tx, &agent.id, doc, actor, now).await?)
+            }
+            None => None,
+        };
         self.commit_config(tx).await?;
-        Ok(agent)
+        Ok((agent, revision))
     }
 
     async fn insert_key(
@@ -1191,8 +1247,63 @@ impl ControlDb {
         actor: &Actor,
         now: i64,
     ) -> Result<PolicyRevision, DbError> {
+        self.put_policy_checked(agent_id, document, None, actor, now)
+            .await
+    }
+
+    /// [`ControlDb::put_policy`] only if the current revision is still `base` (0: no
+    /// policy yet): an editor that loaded revision `base` does not overwrite a revision
+    /// someone published meanwhile. `StalePolicy` otherwise, nothing written.
+    pub async fn put_policy_based_on(
+        &self,
+        agent_id: &str,
+        document: &str,
+        base: i64,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<PolicyRevision, DbError> {
+        self.put_policy_checked(agent_id, document, Some(base), actor, now)
+            .await
+    }
+
+    async fn put_policy_checked(
+        &self,
+        agent_id: &str,
+        document: &str,
+        base: Option<i64>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<PolicyRevision, DbError> {
         let mut tx = self.tx().await?;
+        // The agent's row lock serializes writers of its policy (also across replicas).
         Self::lock_agent(&mut tx, agent_id, now).await?;
+        if let Some(base) = base {
+            let current: i64 =
+                sqlx::query("SELECT current_revision FROM policies WHERE agent_id = $1")
+                    .bind(agent_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get::<i64, _>("current_revision"))
+                    .transpose()?
+                    .unwrap_or(0);
+            if current != base {
+                return Err(DbError::StalePolicy { base, current });
+            }
+        }
+        let revision = Self::write_policy_revision(&mut tx, agent_id, document, actor, now).await?;
+        self.commit_config(tx).await?;
+        Ok(revision)
+    }
+
+    /// Adds a revision of `agent_id`'s policy (and its audit event) in the caller's
+    /// transaction; the caller holds the agent's row lock and commits.
+    async fn write_policy_revision(
+        tx: &mut sqlx::AnyConnection,
+        agent_id: &str,
+        document: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<PolicyRevision, DbError> {
         let bumped = sqlx::query(
             "UPDATE policies SET current_revision = current_revision + 1, updated_at = $1 WHERE agent_id = $2 \
              RETURNING id, current_revision",
@@ -1230,7 +1341,7 @@ impl ControlDb {
         .execute(&mut *tx)
         .await?;
         Self::audit(
-            &mut tx,
+            &mut *tx,
             actor,
             "policy.write",
             "agent",
@@ -1239,7 +1350,6 @@ impl ControlDb {
             now,
         )
         .await?;
-        self.commit_config(tx).await?;
         Ok(PolicyRevision {
             agent_id: agent_id.to_string(),
             policy_id,

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod connect;
 pub mod dashboard;
 pub mod db;
+pub mod guard;
 pub mod model;
 pub mod reconcile;
 pub mod relay;
@@ -58,6 +59,8 @@ pub struct ControlConfig {
     pub stripe_base_url: Option<String>,
     /// The control plane's public base URL (OAuth redirect); `None`: `http://<listen>`.
     pub public_url: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (sign-in limits).
+    pub trusted_proxies: crate::ratelimit::TrustedProxies,
 }
 
 /// Default deadline of a real-time authorization decision.
@@ -84,6 +87,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("secrets", &self.secrets)
             .field("stripe_base_url", &self.stripe_base_url)
             .field("public_url", &self.public_url)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -112,6 +116,7 @@ impl ControlConfig {
             secrets: None,
             stripe_base_url: None,
             public_url: None,
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -197,6 +202,7 @@ pub async fn open(config: &ControlConfig) -> Result<ControlDb, ControlError> {
         config.secrets.clone(),
         config.stripe_base_url.clone(),
     ));
+    db = db.with_trusted_proxies(config.trusted_proxies.clone());
     let now = unix_now();
     db.ensure_default_org(now).await?;
     if let Some(key) = bootstrap {

@@ -151,6 +151,44 @@ pub struct CreateForm {
     project_id: String,
     #[serde(default)]
     policy: String,
+    /// The one-use nonce of the rendered form (`ui::once_field`).
+    #[serde(rename = "_once", default)]
+    once: Option<String>,
+}
+
+/// The one-use nonce of a form that only carries it (rotating a key).
+#[derive(serde::Deserialize, Default)]
+pub struct OnceForm {
+    #[serde(rename = "_once", default)]
+    once: Option<String>,
+}
+
+/// Refuses a second submission of the same one-use form (a refresh that resubmits, a
+/// double click): `409`, nothing done again. Forms without a nonce are not checked.
+async fn first_submission(
+    state: &DashState,
+    session: &Session,
+    once: Option<&str>,
+    what: &str,
+) -> Result<(), PageError> {
+    let Some(nonce) = once.filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    if state
+        .db
+        .use_form_nonce(nonce, &session.user.id, auth::unix_now())
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(PageError::new(
+            StatusCode::CONFLICT,
+            "form_already_submitted",
+            &format!(
+                "this form was already submitted, so nothing was done again ({what}); its key was shown once on the first submission — rotate the key if it was not copied"
+            ),
+        ))
+    }
 }
 
 #[derive(Default)]
@@ -261,6 +299,7 @@ fn create_form(
     html! {
         form method="post" action="/agents" id="create-agent-form" data-test="create-agent" {
             (ui::csrf_field(session))
+            (ui::once_field())
             label { "Name"
                 input type="text" name="name" value=(form.name) required maxlength="200";
             }
@@ -330,24 +369,29 @@ async fn create(
             StatusCode::UNPROCESSABLE_ENTITY,
         ));
     };
+    first_submission(
+        &state,
+        &session,
+        form.once.as_deref(),
+        "no second agent was created",
+    )
+    .await?;
     let key = crate::auth::generate();
     let now = auth::unix_now();
     let actor = session.actor();
-    let agent = db
-        .create_agent(&form.project_id, None, &name, &key, &actor, now)
+    // The agent and its first policy revision are one transaction.
+    let (agent, revision) = db
+        .create_agent_with_policy(
+            &form.project_id,
+            None,
+            &name,
+            &key,
+            policy.as_deref(),
+            &actor,
+            now,
+        )
         .await?;
-    let mut policy_note = None;
-    if let Some(doc) = policy {
-        match db.put_policy(&agent.id, &doc, &actor, now).await {
-            Ok(rev) => policy_note = Some(format!("policy revision {} stored", rev.revision)),
-            Err(e) => {
-                tracing::error!(error = %e, "dashboard: storing the initial policy failed");
-                policy_note = Some(
-                    "the policy could not be stored; set it on the agent's policy page".into(),
-                );
-            }
-        }
-    }
+    let policy_note = revision.map(|rev| format!("policy revision {} stored", rev.revision));
     let content = html! {
         p.flash role="status" id="agent-created" data-agent=(agent.id) {
             "Agent " strong { (agent.name) } " created"
@@ -488,6 +532,7 @@ async fn detail(
                 }
                 form.inline method="post" action={(href) "/rotate-key"} id="rotate-key-form" data-confirm="Rotate the key? Every active key of this agent stops working." {
                     (ui::csrf_field(session))
+                    (ui::once_field())
                     button.secondary type="submit" id="rotate-key-submit" { "Rotate key" }
                 }
             }
@@ -599,10 +644,17 @@ async fn rotate_key(
     State(state): State<DashState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    m: Mutation<Empty>,
+    m: Mutation<OnceForm>,
 ) -> Result<Response, PageError> {
     let session = m.session;
     let agent = state.db.get_agent(&id).await?;
+    first_submission(
+        &state,
+        &session,
+        m.form.once.as_deref(),
+        "the key was not rotated again",
+    )
+    .await?;
     let key = crate::auth::generate();
     let revoked = state
         .db

@@ -8,7 +8,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use maud::{Markup, html};
 
-use super::auth::{Mutation, Session};
+use super::auth::{OwnMutation, Session};
 use super::ui::{self, Nav};
 use super::{DashState, PageError};
 use crate::control::db::AuditPageFilter;
@@ -43,7 +43,30 @@ pub struct Filters {
     #[serde(default)]
     target_id: Option<String>,
     #[serde(default)]
+    actor_id: Option<String>,
+    /// `YYYY-MM-DD` (UTC), inclusive.
+    #[serde(default)]
+    from: Option<String>,
+    /// `YYYY-MM-DD` (UTC), inclusive.
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
     cursor: Option<String>,
+}
+
+/// The unix second a `YYYY-MM-DD` filter day starts at; an error names the field.
+fn day_start(field: &str, v: &Option<String>) -> Result<Option<i64>, PageError> {
+    match clean(v) {
+        None => Ok(None),
+        Some(t) => super::transactions::parse_date(&t)
+            .map(|d| Some(d.saturating_mul(86_400)))
+            .ok_or_else(|| {
+                PageError::bad_request(
+                    "invalid_filter",
+                    &format!("{field} must be a date like 2026-12-31"),
+                )
+            }),
+    }
 }
 
 fn clean(v: &Option<String>) -> Option<String> {
@@ -79,8 +102,12 @@ async fn render(
         actor_type: clean(&q.actor_type),
         action_prefix: clean(&q.action),
         target_id: clean(&q.target_id),
+        actor_id: clean(&q.actor_id),
+        from: day_start("from", &q.from)?,
+        // Inclusive: events before the next day's start.
+        to: day_start("to", &q.to)?.map(|t| t.saturating_add(86_400)),
     };
-    for v in [&filter.action_prefix, &filter.target_id] {
+    for v in [&filter.action_prefix, &filter.target_id, &filter.actor_id] {
         if v.as_ref().is_some_and(|s| s.chars().count() > 200) {
             return Err(PageError::bad_request(
                 "invalid_filter",
@@ -108,15 +135,19 @@ async fn render(
         .await?;
     let next_href = page.next_cursor.as_ref().map(|c| {
         format!(
-            "/audit?actor_type={}&action={}&target_id={}&cursor={}",
+            "/audit?actor_type={}&action={}&target_id={}&actor_id={}&from={}&to={}&cursor={}",
             ui::url_encode(filter.actor_type.as_deref().unwrap_or("")),
             ui::url_encode(filter.action_prefix.as_deref().unwrap_or("")),
             ui::url_encode(filter.target_id.as_deref().unwrap_or("")),
+            ui::url_encode(filter.actor_id.as_deref().unwrap_or("")),
+            ui::url_encode(clean(&q.from).as_deref().unwrap_or("")),
+            ui::url_encode(clean(&q.to).as_deref().unwrap_or("")),
             ui::url_encode(c)
         )
     });
     Ok(html! {
-        @if session.is_admin() {
+        // Reading the chain changes nothing: viewers (security reviewers) may verify too.
+        {
             div.actions {
                 form.inline method="post" action="/audit/verify" id="verify-chain-form" {
                     (ui::csrf_field(session))
@@ -140,6 +171,15 @@ async fn render(
             }
             label { "Target id"
                 input type="text" name="target_id" value=(filter.target_id.as_deref().unwrap_or(""));
+            }
+            label { "Actor id"
+                input type="text" name="actor_id" value=(filter.actor_id.as_deref().unwrap_or(""));
+            }
+            label { "From (UTC)"
+                input type="date" name="from" value=(clean(&q.from).unwrap_or_default());
+            }
+            label { "To (UTC)"
+                input type="date" name="to" value=(clean(&q.to).unwrap_or_default());
             }
             button.secondary type="submit" { "Filter" }
         }
@@ -176,11 +216,11 @@ async fn render(
     })
 }
 
-/// `POST /audit/verify`: read-only, but a form with CSRF like every POST (admins only).
+/// `POST /audit/verify`: read-only, but a form with CSRF like every POST (any role).
 async fn verify(
     State(state): State<DashState>,
     headers: HeaderMap,
-    m: Mutation<Filters>,
+    m: OwnMutation<Filters>,
 ) -> Result<Response, PageError> {
     let session = m.session;
     let result = state.db.verify_audit_chain().await?;

@@ -1,6 +1,14 @@
-//! Sign-in for the dashboard: argon2id passwords, sessions in an HttpOnly SameSite=Strict
+//! Sign-in for the dashboard: argon2id passwords, sessions in an HttpOnly SameSite=Lax
 //! cookie (Secure unless the dashboard is reached over plain HTTP on a loopback address),
 //! a CSRF token on every state-changing form, roles, and rate-limited sign-in.
+//!
+//! Why `Lax` and not `Strict`: Stripe's OAuth redirect back to `/stripe/callback` is a
+//! cross-site navigation, and so is a link to the dashboard from e-mail or chat; a Strict
+//! cookie is not sent on those, so the callback would land on the sign-in page and its
+//! `state` (bound to the session) could never match. Lax cookies travel only on top-level
+//! `GET` navigations from other sites, and no `GET` changes anything: every change is a
+//! `POST` carrying the CSRF token (and an `Origin` check), and the OAuth callback is
+//! protected by its single-use `state`. Framing is refused (`frame-ancestors 'none'`).
 //!
 //! - The session cookie holds a 256-bit secret `roony_ss_<64 hex>`. The database stores
 //!   its SHA-256 and a public id derived from it (`crate::auth::key_id`), which audit
@@ -154,6 +162,20 @@ pub fn secure_cookies(headers: &HeaderMap) -> bool {
     !is_loopback_host(host)
 }
 
+/// Whether the request probably came over plain HTTP to a non-loopback address: cookies
+/// are `Secure` there, and a browser on plain HTTP drops them, so sign-in cannot work.
+/// (Behind a TLS-terminating proxy, `X-Forwarded-Proto` says so.)
+pub fn plain_http_remote(headers: &HeaderMap) -> bool {
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    proto.is_none() && !host.is_empty() && !is_loopback_host(host)
+}
+
 fn is_loopback_host(host: &str) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
@@ -166,9 +188,9 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A `Set-Cookie` value.
+/// A `Set-Cookie` value (`HttpOnly; SameSite=Lax`, see the module's documentation).
 pub fn set_cookie(name: &str, value: &str, max_age: Option<i64>, secure: bool) -> HeaderValue {
-    let mut s = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    let mut s = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax");
     if let Some(age) = max_age {
         s.push_str(&format!("; Max-Age={age}"));
     }
@@ -326,6 +348,19 @@ async fn checked_form<T: serde::de::DeserializeOwned>(
     if admin_only {
         session.require_admin()?;
     }
+    // No field may carry a control character other than a line break or a tab (a NUL
+    // would be refused by PostgreSQL and stored by SQLite).
+    let pairs = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes).map_err(|e| {
+        PageError::bad_request("invalid_form", &format!("the form is not valid: {e}"))
+    })?;
+    if pairs.iter().any(|(k, v)| {
+        crate::control::guard::has_control(k) || crate::control::guard::text_has_control(v)
+    }) {
+        return Err(PageError::bad_request(
+            crate::control::guard::CODE,
+            "the form contains control characters (such as NUL); remove them",
+        ));
+    }
     let form = serde_urlencoded::from_bytes::<T>(&bytes).map_err(|e| {
         PageError::bad_request("invalid_form", &format!("the form is not valid: {e}"))
     })?;
@@ -409,30 +444,103 @@ impl Default for LoginLimiter {
 }
 
 impl LoginLimiter {
-    fn check(&self, address: Option<SocketAddr>, email: &str) -> Result<(), u64> {
-        if let Some(addr) = address {
+    /// Before a sign-in attempt: every attempt costs its address a token; an email must
+    /// still have one (its tokens are taken by failures only, see [`Self::failed`]).
+    fn check(&self, address: Option<std::net::IpAddr>, email: &str) -> Result<(), u64> {
+        if let Some(ip) = address {
             self.by_address
-                .check(crate::ratelimit::address_key(addr.ip()))
+                .check(crate::ratelimit::address_key(ip))
                 .map_err(|r| r.seconds())?;
         }
         self.by_email
-            .check(crate::control::db::admin_users::normalize_email(email))
+            .peek(&crate::control::db::admin_users::normalize_email(email))
             .map_err(|r| r.seconds())
+    }
+
+    /// A failed attempt costs the email a token: guessing one account's password is slow
+    /// from any number of addresses.
+    fn failed(&self, email: &str) {
+        let _ = self
+            .by_email
+            .check(crate::control::db::admin_users::normalize_email(email));
+    }
+
+    /// A successful sign-in refills the email's bucket (its owner is not locked out by
+    /// earlier failures, theirs or an attacker's).
+    fn succeeded(&self, email: &str) {
+        self.by_email
+            .reset(&crate::control::db::admin_users::normalize_email(email));
+    }
+
+    /// A password check outside sign-in (changing one's password): limited like a sign-in.
+    pub fn check_password_change(&self, email: &str) -> Result<(), u64> {
+        self.by_email
+            .peek(&crate::control::db::admin_users::normalize_email(email))
+            .map_err(|r| r.seconds())
+    }
+
+    /// A failed password check outside sign-in.
+    pub fn password_change_failed(&self, email: &str) {
+        self.failed(email);
     }
 }
 
-/// Checks credentials and opens a session: the cookie's secret and the user.
+/// Checks credentials and opens a session: the cookie's secret and the user. `address`
+/// is the client's (`TrustedProxies::client_ip`).
 pub async fn login(
     state: &DashState,
-    address: Option<SocketAddr>,
+    address: Option<std::net::IpAddr>,
     user_agent: Option<&str>,
     email: &str,
     password: &str,
 ) -> Result<(String, AdminUser), LoginError> {
-    state
-        .login_limiter
-        .check(address, email)
-        .map_err(LoginError::RateLimited)?;
+    if let Err(secs) = state.login_limiter.check(address, email) {
+        audit_failure(state, email, address, "rate_limited").await;
+        return Err(LoginError::RateLimited(secs));
+    }
+    let outcome = login_checked(state, address, user_agent, email, password).await;
+    match &outcome {
+        Ok(_) => state.login_limiter.succeeded(email),
+        Err(LoginError::InvalidCredentials) => {
+            state.login_limiter.failed(email);
+            audit_failure(state, email, address, "invalid_credentials").await;
+        }
+        Err(_) => {}
+    }
+    outcome
+}
+
+/// A refused sign-in becomes an audit event (a failed write is logged, not fatal: the
+/// answer is a refusal either way).
+async fn audit_failure(
+    state: &DashState,
+    email: &str,
+    address: Option<std::net::IpAddr>,
+    reason: &str,
+) {
+    if crate::control::guard::has_control(email) {
+        return;
+    }
+    let address = address.map(|a| a.to_string());
+    if let Err(e) = state
+        .db
+        .audit_failed_sign_in(email, address.as_deref(), reason, unix_now())
+        .await
+    {
+        tracing::warn!(error = %e, "could not audit a failed sign-in");
+    }
+}
+
+async fn login_checked(
+    state: &DashState,
+    address: Option<std::net::IpAddr>,
+    user_agent: Option<&str>,
+    email: &str,
+    password: &str,
+) -> Result<(String, AdminUser), LoginError> {
+    if crate::control::guard::has_control(email) || email.len() > 320 {
+        return Err(LoginError::InvalidCredentials);
+    }
     let found = state
         .db
         .admin_user_for_login(email)
@@ -459,7 +567,7 @@ pub async fn login(
             &user,
             now.saturating_add(IDLE_SECONDS),
             user_agent,
-            address.map(|a| a.ip().to_string()).as_deref(),
+            address.map(|a| a.to_string()).as_deref(),
             now,
         )
         .await
@@ -470,6 +578,17 @@ pub async fn login(
 /// The peer address, when the server recorded it.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddress(pub Option<SocketAddr>);
+
+impl PeerAddress {
+    /// The client's address: the peer, or what a trusted proxy forwarded.
+    pub fn client_ip(
+        self,
+        proxies: &crate::ratelimit::TrustedProxies,
+        headers: &HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        self.0.map(|p| proxies.client_ip(p.ip(), headers))
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for PeerAddress {
     type Rejection = std::convert::Infallible;
@@ -531,7 +650,7 @@ mod tests {
         assert!(secure_cookies(&h));
         let c = set_cookie(SESSION_COOKIE, "v", None, true);
         let c = c.to_str().unwrap();
-        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Secure"));
     }
 
     #[test]

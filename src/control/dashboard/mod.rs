@@ -142,6 +142,17 @@ impl From<DbError> for PageError {
         match e {
             DbError::NotFound(what) => PageError::not_found(what),
             DbError::Conflict(m) => PageError::new(StatusCode::CONFLICT, "conflict", &m),
+            DbError::StalePolicy { base, current } => PageError::new(
+                StatusCode::CONFLICT,
+                "policy_changed",
+                &format!(
+                    "revision {current} of the policy was published after revision {base}; reload the policy and apply your change again"
+                ),
+            ),
+            DbError::InvalidInput(_) => PageError::bad_request(
+                crate::control::guard::CODE,
+                "the form contains characters that cannot be stored (such as NUL); remove them",
+            ),
             other => {
                 tracing::error!(error = %other, "dashboard database error");
                 PageError::new(
@@ -210,6 +221,54 @@ pub fn router(state: DashState) -> Router {
         .merge(stripe::routes())
         .merge(settings::routes())
         .with_state(state)
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// The dashboard's Content-Security-Policy: only its own scripts, styles and images (inline
+/// SVG and `data:` images aside), no plugins, no `<base>`, and no framing by any site.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+/// Headers on every dashboard response: the CSP, no framing (also for browsers without
+/// `frame-ancestors`), no MIME sniffing, no `Referer` to other sites (the OAuth callback's
+/// URL holds a code), and pages are not stored by caches (a new agent key is shown once).
+async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
+/// The page for a path nothing serves (outside `/api/`, which answers JSON).
+pub fn not_found_page() -> Response {
+    let mut resp =
+        PageError::new(StatusCode::NOT_FOUND, "not_found", "there is no such page").into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
 }
 
 /// Vendored static files, built into the binary.
@@ -266,13 +325,24 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
-fn login_page(next: &str, nonce: &str, error: Option<&str>, email: &str) -> Markup {
+/// Shown on the sign-in page when the browser is probably on plain HTTP at a remote
+/// address (its Secure cookies would be dropped).
+const PLAIN_HTTP_WARNING: &str = "this dashboard is reached over plain HTTP at a non-local address: browsers do not keep its Secure cookies, so signing in cannot work. Serve it over HTTPS (a TLS-terminating proxy that sends X-Forwarded-Proto: https) or open it at 127.0.0.1 through an SSH tunnel.";
+
+fn login_page(
+    next: &str,
+    nonce: &str,
+    error: Option<&str>,
+    email: &str,
+    plain_http: bool,
+) -> Markup {
     ui::bare_page(
         "Sign in",
         html! {
             main.narrow.login {
                 h1 { "Roony" }
                 p.muted { "Sign in to the control plane." }
+                @if plain_http { p.error #plain-http-warning role="alert" { (PLAIN_HTTP_WARNING) } }
                 @if let Some(e) = error { p.error role="alert" { (e) } }
                 form method="post" action="/login" {
                     input type="hidden" name="_login_csrf" value=(nonce);
@@ -302,7 +372,8 @@ async fn login_form(
         return Ok(Redirect::to(&next).into_response());
     }
     let nonce = auth::new_login_nonce();
-    let mut resp = login_page(&next, &nonce, None, "").into_response();
+    let mut resp =
+        login_page(&next, &nonce, None, "", auth::plain_http_remote(&headers)).into_response();
     resp.headers_mut().append(
         header::SET_COOKIE,
         auth::set_cookie(
@@ -328,15 +399,21 @@ pub struct LoginForm {
 /// `POST /login`.
 async fn login_submit(
     State(state): State<DashState>,
-    PeerAddress(peer): PeerAddress,
+    peer: PeerAddress,
     headers: HeaderMap,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Response {
+    let client = peer.client_ip(state.db.trusted_proxies(), &headers);
     let next = safe_next(form.next.as_deref());
     let secure = auth::secure_cookies(&headers);
     let fail = |status: StatusCode, msg: &str| {
         let nonce = auth::new_login_nonce();
-        let mut resp = (status, login_page(&next, &nonce, Some(msg), &form.email)).into_response();
+        let plain_http = auth::plain_http_remote(&headers);
+        let mut resp = (
+            status,
+            login_page(&next, &nonce, Some(msg), &form.email, plain_http),
+        )
+            .into_response();
         resp.headers_mut().append(
             header::SET_COOKIE,
             auth::set_cookie(auth::LOGIN_CSRF_COOKIE, &nonce, Some(3600), secure),
@@ -356,7 +433,7 @@ async fn login_submit(
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok());
-    match auth::login(&state, peer, user_agent, &form.email, &form.password).await {
+    match auth::login(&state, client, user_agent, &form.email, &form.password).await {
         Ok((token, user)) => {
             tracing::info!(user = %user.id, "dashboard sign-in");
             let mut resp = Redirect::to(&next).into_response();

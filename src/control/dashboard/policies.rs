@@ -119,6 +119,9 @@ struct DryRunView {
     truncated: bool,
     current_revision: Option<i64>,
     current_invalid: bool,
+    /// The current revision and the draft, pretty-printed, for the preview diff.
+    current_text: String,
+    draft_text: String,
 }
 
 struct Editor<'a> {
@@ -128,6 +131,13 @@ struct Editor<'a> {
     errors: &'a [PolicyError],
     days: &'a str,
     dry_run: Option<&'a DryRunView>,
+    /// The revision the draft is based on (0: none); publishing refuses if it is no longer
+    /// current.
+    base: i64,
+    /// Someone published `current` after the draft's `base`: shown above the editor.
+    conflict: Option<(i64, i64)>,
+    /// The draft was loaded from this older revision ("load into editor").
+    loaded_from: Option<i64>,
 }
 
 fn editor_markup(session: &Session, e: &Editor<'_>) -> Markup {
@@ -140,6 +150,17 @@ fn editor_markup(session: &Session, e: &Editor<'_>) -> Markup {
                 "Current revision " strong { (c.revision) } " by " (c.author) ", " (ui::time(c.created_at)) "."
             },
             None => p.muted #current-revision data-revision="0" { "No policy yet: the agent's purchases are declined (no_policy) until one is published." },
+        }
+        @if let Some((base, now_current)) = e.conflict {
+            div.error #policy-conflict role="alert" data-base=(base) data-current=(now_current) {
+                p { strong { "Not published: revision " (now_current) " was published after revision " (base) ", which your draft started from." } }
+                p { "Your draft is kept below. "
+                    a href={"/agents/" (id) "/policy/diff?from=" (base) "&to=" (now_current)} { "See what changed in revision " (now_current) }
+                    ", then publish again to replace it with your draft." }
+            }
+        }
+        @if let Some(n) = e.loaded_from {
+            p.notice #loaded-from data-revision=(n) { "The editor holds revision " (n) "; publishing it makes it a new revision." }
         }
         @if !e.errors.is_empty() {
             div.error #policy-errors-box role="alert" {
@@ -154,13 +175,14 @@ fn editor_markup(session: &Session, e: &Editor<'_>) -> Markup {
         @if session.is_admin() {
             form #policy-form hx-boost="false" method="post" action={"/agents/" (id) "/policy"} {
                 (ui::csrf_field(session))
+                input type="hidden" name="base_revision" value=(e.base);
                 label for="policy-json" { "Policy (JSON; see docs/policy.md)" }
                 textarea #policy-json name="policy" rows="24" spellcheck="false" data-test="policy-json" { (e.draft) }
                 div.actions {
                     button #publish type="submit" data-test="publish" { "Publish" }
                     button #dry-run.secondary type="submit" formaction={"/agents/" (id) "/policy/dry-run"} data-test="dry-run" { "Validate / dry run" }
                     label.small { "Replay the last "
-                        input #dry-run-days type="number" name="days" min="1" max=(MAX_DAYS) value=(e.days) style="width:5em;display:inline-block";
+                        input #dry-run-days type="number" name="days" min="1" max=(MAX_DAYS) value=(e.days) class="days-input";
                         " days" }
                 }
             }
@@ -179,7 +201,7 @@ fn editor_markup(session: &Session, e: &Editor<'_>) -> Markup {
                 button.secondary type="submit" data-test="diff-submit" { "Show diff" }
             }
             table #policy-revisions {
-                thead { tr { th.num { "Revision" } th { "Author" } th { "Created" } th { "" } } }
+                thead { tr { th.num { "Revision" } th { "Author" } th { "Created" } th { "" } th { "" } } }
                 tbody {
                     @for r in e.revisions {
                         tr data-test="revision-row" data-revision=(r.revision) {
@@ -187,6 +209,9 @@ fn editor_markup(session: &Session, e: &Editor<'_>) -> Markup {
                             td { (r.author) }
                             td.small { (ui::time(r.created_at)) }
                             td { @if r.revision > 1 { a href={"/agents/" (id) "/policy/diff?from=" (r.revision - 1) "&to=" (r.revision)} { "diff with " (r.revision - 1) } } }
+                            td { @if session.is_admin() && Some(r.revision) != current.map(|c| c.revision) {
+                                a data-test="load-revision" href={"/agents/" (id) "/policy?revision=" (r.revision)} { "load into editor" }
+                            } }
                         }
                     }
                 }
@@ -205,6 +230,7 @@ fn dry_run_markup(d: &DryRunView) -> Markup {
                 "Replayed from the ledger in time order with budgets, velocity and risk history rebuilt as the replay goes; not reconstructed: intents before the window (earlier budget use and risk history), reservations released later, agent/project/organization budgets set outside the policy, the frozen state and MCP confirmations."
             }
             @if d.current_invalid { p.error { "The current policy could not be read: it counts as no policy (everything declined)." } }
+            (preview_markup(d))
             @if d.truncated { p.error { "Only the first " (MAX_REPLAY) " intents of the window were replayed." } }
             div.cards {
                 div.card { div.label { "Intents replayed" } div.big #dry-run-replayed { (s.replayed) } @if d.skipped > 0 { div.small.muted { (d.skipped) " skipped (unknown currency)" } } }
@@ -242,6 +268,33 @@ fn dry_run_markup(d: &DryRunView) -> Markup {
     }
 }
 
+/// What publishing the draft would change in the document (current → draft).
+fn preview_markup(d: &DryRunView) -> Markup {
+    let ops = line_diff(&d.current_text, &d.draft_text);
+    let added = ops.iter().filter(|o| matches!(o, DiffOp::Add(_))).count();
+    let removed = ops.iter().filter(|o| matches!(o, DiffOp::Del(_))).count();
+    html! {
+        details #draft-diff data-added=(added) data-removed=(removed) open[added + removed > 0 && added + removed <= 40] {
+            summary { "Changes to the document: " span.add { "+" (added) } " " span.del { "−" (removed) } " lines" }
+            @if added + removed == 0 {
+                p.muted { "The draft is the current revision." }
+            } @else {
+                table.diff {
+                    tbody {
+                        @for op in &ops {
+                            @match op {
+                                DiffOp::Same(l) => tr.same { td.small.muted { " " } td { code { (l) } } },
+                                DiffOp::Add(l) => tr.add data-test="draft-diff-add" { td.small { "+" } td { code { (l) } } },
+                                DiffOp::Del(l) => tr.del data-test="draft-diff-del" { td.small { "−" } td { code { (l) } } },
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn load(state: &DashState, id: &str) -> Result<(Agent, Vec<PolicyRevision>), PageError> {
     let agent = state.db.get_agent(id).await?;
     let revisions = state.db.list_policy_revisions(id).await?;
@@ -258,10 +311,22 @@ async fn editor(
     session: Session,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<EditorQuery>,
 ) -> Result<Response, PageError> {
     let (agent, revisions) = load(&state, &id).await?;
-    let draft = revisions
-        .first()
+    let base = revisions.first().map_or(0, |r| r.revision);
+    // "Load into editor": an older revision as the draft (published only when asked).
+    let loaded = match parse_revision(q.revision.as_deref(), "revision")? {
+        Some(n) => Some(
+            revisions
+                .iter()
+                .find(|r| r.revision == n)
+                .ok_or_else(|| PageError::not_found(&format!("revision {n}")))?,
+        ),
+        None => None,
+    };
+    let draft = loaded
+        .or(revisions.first())
         .map(|r| pretty(&r.document))
         .unwrap_or_else(|| TEMPLATE.to_string());
     let days = DEFAULT_DAYS.to_string();
@@ -274,6 +339,9 @@ async fn editor(
             errors: &[],
             days: &days,
             dry_run: None,
+            base,
+            conflict: None,
+            loaded_from: loaded.map(|r| r.revision).filter(|n| *n != base),
         },
     );
     Ok(ui::page(
@@ -286,11 +354,26 @@ async fn editor(
 }
 
 #[derive(serde::Deserialize)]
+pub struct EditorQuery {
+    revision: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
 pub struct PolicyForm {
     #[serde(default)]
     policy: String,
     #[serde(default)]
     days: Option<String>,
+    /// The revision the draft started from (absent from older forms: not checked).
+    #[serde(default)]
+    base_revision: Option<String>,
+}
+
+impl PolicyForm {
+    /// The draft's base revision; `current` when the form has none.
+    fn base(&self, current: i64) -> Result<i64, PageError> {
+        Ok(parse_revision(self.base_revision.as_deref(), "base_revision")?.unwrap_or(current))
+    }
 }
 
 /// Browsers send textarea newlines as CRLF.
@@ -306,6 +389,8 @@ async fn publish(
     m: Mutation<PolicyForm>,
 ) -> Result<Response, PageError> {
     let (agent, revisions) = load(&state, &id).await?;
+    let current = revisions.first().map_or(0, |r| r.revision);
+    let base = m.form.base(current)?;
     let draft = normalize_newlines(&m.form.policy);
     let days = m
         .form
@@ -324,6 +409,9 @@ async fn publish(
                     errors: &errors,
                     days: &days,
                     dry_run: None,
+                    base,
+                    conflict: None,
+                    loaded_from: None,
                 },
             );
             return Ok(ui::page_with_status(
@@ -343,10 +431,41 @@ async fn publish(
             "the policy could not be serialized; try again",
         )
     })?;
-    let rev = state
+    let rev = match state
         .db
-        .put_policy(&id, &document, &m.session.actor(), unix_now())
-        .await?;
+        .put_policy_based_on(&id, &document, base, &m.session.actor(), unix_now())
+        .await
+    {
+        Ok(rev) => rev,
+        Err(crate::control::db::DbError::StalePolicy { base, current }) => {
+            // Someone published meanwhile: the draft comes back, now based on the current
+            // revision (publishing again replaces it knowingly).
+            let (agent, revisions) = load(&state, &id).await?;
+            let content = editor_markup(
+                &m.session,
+                &Editor {
+                    agent: &agent,
+                    revisions: &revisions,
+                    draft: &draft,
+                    errors: &[],
+                    days: &days,
+                    dry_run: None,
+                    base: current,
+                    conflict: Some((base, current)),
+                    loaded_from: None,
+                },
+            );
+            return Ok(ui::page_with_status(
+                &m.session,
+                &headers,
+                Nav::Policies,
+                &title(&agent),
+                content,
+                StatusCode::CONFLICT,
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(redirect_with_flash(
         &format!("/agents/{}/policy", seg(&id)),
         &format!("published revision {}", rev.revision),
@@ -377,6 +496,7 @@ async fn dry_run(
     m: Mutation<PolicyForm>,
 ) -> Result<Response, PageError> {
     let (agent, revisions) = load(&state, &id).await?;
+    let base = m.form.base(revisions.first().map_or(0, |r| r.revision))?;
     let draft = normalize_newlines(&m.form.policy);
     let days_text = m
         .form
@@ -385,8 +505,8 @@ async fn dry_run(
         .unwrap_or_else(|| DEFAULT_DAYS.to_string());
     let parsed = parse_draft(&draft);
     let days = parse_days(Some(&days_text));
-    let (compiled, days) = match (parsed, days) {
-        (Ok((_, c)), Ok(d)) => (c, d),
+    let (draft_policy, compiled, days) = match (parsed, days) {
+        (Ok((p, c)), Ok(d)) => (p, c, d),
         (p, d) => {
             let mut errors = p.err().unwrap_or_default();
             errors.extend(d.err());
@@ -399,6 +519,9 @@ async fn dry_run(
                     errors: &errors,
                     days: &days_text,
                     dry_run: None,
+                    base,
+                    conflict: None,
+                    loaded_from: None,
                 },
             );
             return Ok(ui::page_with_status(
@@ -438,6 +561,10 @@ async fn dry_run(
         truncated,
         current_revision: current.map(|r| r.revision),
         current_invalid: current.is_some() && current_compiled.is_none(),
+        current_text: current.map(|r| pretty(&r.document)).unwrap_or_default(),
+        draft_text: serde_json::to_value(&draft_policy)
+            .map(|v| pretty(&v))
+            .unwrap_or_default(),
     };
     let content = editor_markup(
         &m.session,
@@ -448,6 +575,9 @@ async fn dry_run(
             errors: &[],
             days: &days_text,
             dry_run: Some(&view),
+            base,
+            conflict: None,
+            loaded_from: None,
         },
     );
     Ok(ui::page(
@@ -490,7 +620,7 @@ async fn diff_page(
         return Err(PageError::not_found("policy"));
     };
     let to = parse_revision(q.to.as_deref(), "to")?.unwrap_or(current.revision);
-    let from = parse_revision(q.from.as_deref(), "from")?.unwrap_or((to - 1).max(1));
+    let from = parse_revision(q.from.as_deref(), "from")?.unwrap_or(to.saturating_sub(1).max(1));
     let find = |n: i64| {
         revisions
             .iter()

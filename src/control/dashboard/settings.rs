@@ -22,6 +22,7 @@ pub fn routes() -> Router<DashState> {
         .route("/settings/password", post(change_password))
         .route("/settings/users", post(create_user))
         .route("/settings/users/{id}", post(update_user))
+        .route("/settings/users/{id}/password", post(reset_password))
         .route("/settings/tokens", post(create_token))
         .route("/settings/tokens/{id}/revoke", post(revoke_token))
         .route("/settings/sidecars", post(create_sidecar))
@@ -134,6 +135,17 @@ async fn render(
                                         label.inline.small { input type="checkbox" name="disabled" value="true" checked[u.disabled_at.is_some()]; " disabled" }
                                         " "
                                         button.secondary type="submit" { "Save" }
+                                    }
+                                    @if u.id != session.user.id {
+                                        details.inline {
+                                            summary.small { "set password" }
+                                            form method="post" action={"/settings/users/" (super::agents::seg(&u.id)) "/password"} data-test="reset-password" data-confirm="Set a new password? The user's sessions end." {
+                                                (ui::csrf_field(session))
+                                                label.small { "New password (at least " (auth::MIN_PASSWORD_LEN) " characters; tell the user, who should change it)"
+                                                    input type="password" name="password" required autocomplete="new-password"; }
+                                                button.secondary type="submit" { "Set password" }
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -282,6 +294,31 @@ async fn change_password(
     m: auth::OwnMutation<PasswordForm>,
 ) -> Result<Response, PageError> {
     let auth::OwnMutation { session, form } = m;
+    // Checking the current password costs an argon2 verification: limited like sign-in
+    // (a stolen session cannot guess the password quickly, nor burn the server's memory).
+    if let Err(secs) = state
+        .login_limiter
+        .check_password_change(&session.user.email)
+    {
+        let n = Notices {
+            password_errors: vec![format!(
+                "too many wrong passwords; try again in {secs} seconds"
+            )],
+            ..Default::default()
+        };
+        let mut resp = render(
+            &state,
+            &session,
+            &headers,
+            &n,
+            StatusCode::TOO_MANY_REQUESTS,
+        )
+        .await?;
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return Ok(resp);
+    }
     let stored = state
         .db
         .admin_user_for_login(&session.user.email)
@@ -294,6 +331,9 @@ async fn change_password(
         .unwrap_or(false);
     let mut errors = Vec::new();
     if !ok {
+        state
+            .login_limiter
+            .password_change_failed(&session.user.email);
         errors.push("the current password is not correct".to_string());
     }
     if let Err(e) = auth::check_new_password(&form.new) {
@@ -410,6 +450,66 @@ pub struct UpdateUserForm {
 }
 
 /// `POST /settings/users/{id}`: role and disabled; the last admin stays.
+#[derive(serde::Deserialize, Default)]
+pub struct ResetPasswordForm {
+    #[serde(default)]
+    password: String,
+}
+
+/// `POST /settings/users/{id}/password`: an admin sets another user's password (a user who
+/// forgot theirs); every session of that user ends. One's own password is changed with the
+/// current one (`/settings/password`).
+async fn reset_password(
+    State(state): State<DashState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    m: Mutation<ResetPasswordForm>,
+) -> Result<Response, PageError> {
+    let Mutation { session, form } = m;
+    if id == session.user.id {
+        let n = Notices {
+            users_error: Some("change your own password with your current one, above".into()),
+            ..Default::default()
+        };
+        return render(
+            &state,
+            &session,
+            &headers,
+            &n,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
+    let user = state.db.get_admin_user(&id).await?;
+    if let Err(e) = auth::check_new_password(&form.password) {
+        let n = Notices {
+            users_error: Some(format!("{}: {e}", user.email)),
+            ..Default::default()
+        };
+        return render(
+            &state,
+            &session,
+            &headers,
+            &n,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
+    let hashed = hash(form.password).await?;
+    state
+        .db
+        .set_admin_password(&id, &hashed, None, &session.actor(), auth::unix_now())
+        .await?;
+    Ok(redirect_with_flash(
+        "/settings",
+        &format!(
+            "new password set for {}; their sessions were signed out",
+            user.email
+        ),
+        &headers,
+    ))
+}
+
 async fn update_user(
     State(state): State<DashState>,
     headers: HeaderMap,

@@ -93,7 +93,7 @@ async fn page(
                 h2 { "Connection" }
                 (status_table(&status))
                 @if session.is_admin() {
-                    div.actions style="margin-top:12px" {
+                    div.actions.spaced {
                         @if status.mode == "connect" && !status.is_connected() {
                             form.inline method="post" action="/stripe/connect" hx-boost="false" {
                                 (ui::csrf_field(&session))

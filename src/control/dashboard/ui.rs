@@ -38,8 +38,9 @@ const NAV: &[(Nav, &str, &str)] = &[
 
 /// htmx settings: boosted forms show 4xx pages like a plain submission would; no history
 /// snapshots (htmx would otherwise keep pages — including a key shown once — in
-/// localStorage; back/forward fetch the page again instead).
-const HTMX_CONFIG: &str = r#"{"historyCacheSize":0,"refreshOnHistoryMiss":true,"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":true}]}"#;
+/// localStorage; back/forward fetch the page again instead); no injected indicator styles,
+/// `eval` or inline scripts (the Content-Security-Policy allows neither).
+const HTMX_CONFIG: &str = r#"{"historyCacheSize":0,"refreshOnHistoryMiss":true,"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false,"responseHandling":[{"code":"204","swap":false},{"code":"[23]..","swap":true},{"code":"[45]..","swap":true,"error":true}]}"#;
 
 fn head(title: &str) -> Markup {
     html! {
@@ -137,6 +138,15 @@ pub fn page_with_status(
 }
 
 /// The hidden CSRF input every `POST` form carries.
+/// Name of the hidden field of a one-use form (see [`once_field`]).
+pub const ONCE_FIELD: &str = "_once";
+
+/// A fresh nonce for a form that must not be submitted twice (creating an agent, rotating
+/// a key): a refresh that resubmits it is refused (`ControlDb::use_form_nonce`).
+pub fn once_field() -> Markup {
+    html! { input type="hidden" name=(ONCE_FIELD) value=(auth::new_login_nonce()); }
+}
+
 pub fn csrf_field(session: &Session) -> Markup {
     html! { input type="hidden" name=(auth::CSRF_FIELD) value=(session.csrf); }
 }

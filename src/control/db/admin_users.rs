@@ -76,10 +76,40 @@ pub fn normalize_email(email: &str) -> String {
 }
 
 impl ControlDb {
+    /// Records the first use of a one-use form's nonce (only its SHA-256 is stored):
+    /// `true` the first time, `false` when it was submitted before.
+    pub async fn use_form_nonce(
+        &self,
+        nonce: &str,
+        user_id: &str,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        sqlx::query("DELETE FROM form_nonces WHERE created_at < $1")
+            .bind(now.saturating_sub(86_400))
+            .execute(&self.pool)
+            .await?;
+        let hash = crate::auth::hash(nonce);
+        match sqlx::query(
+            "INSERT INTO form_nonces (nonce_hash, user_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(hash)
+        .bind(user_id.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => match DbError::from(e) {
+                DbError::Conflict(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
     /// Number of enabled admin users with a password.
     pub async fn count_admin_users(&self) -> Result<i64, DbError> {
         let n: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM admin_users WHERE disabled_at IS NULL AND password_hash IS NOT NULL",
+            "SELECT COUNT(*) AS n FROM admin_users WHERE disabled_at IS NULL AND password_hash IS NOT NULL AND role = 'admin'",
         )
         .fetch_one(&self.pool)
         .await?
@@ -342,6 +372,38 @@ impl ControlDb {
             "admin_session",
             id,
             serde_json::json!({"address": address}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a refused sign-in (audit `admin_session.sign_in_failed`, outcome `failure`):
+    /// the e-mail as typed (normalized, at most 320 characters; never the password), the
+    /// client's address and why (`invalid_credentials` or `rate_limited`).
+    pub async fn audit_failed_sign_in(
+        &self,
+        email: &str,
+        address: Option<&str>,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let email: String = normalize_email(email).chars().take(320).collect();
+        let mut tx = self.tx().await?;
+        let actor = Actor {
+            kind: "anonymous",
+            id: address.unwrap_or("unknown").to_string(),
+            name: "anonymous".into(),
+            request_id: None,
+        };
+        Self::audit_outcome(
+            &mut tx,
+            &actor,
+            "admin_session.sign_in_failed",
+            ("admin_user", &email),
+            "failure",
+            serde_json::json!({"email": email, "address": address, "reason": reason}),
             now,
         )
         .await?;

@@ -40,6 +40,11 @@ pub struct AuditPageFilter {
     pub actor_type: Option<String>,
     pub action_prefix: Option<String>,
     pub target_id: Option<String>,
+    pub actor_id: Option<String>,
+    /// Events at or after this time (unix seconds).
+    pub from: Option<i64>,
+    /// Events before this time (unix seconds).
+    pub to: Option<i64>,
 }
 
 const NET_AMOUNT: &str = "CASE WHEN s.kind = 'refund' THEN -s.amount ELSE s.amount END";
@@ -225,6 +230,9 @@ impl ControlDb {
         let mut w = Where::default();
         w.eq_text("actor_type", &filter.actor_type);
         w.eq_text("target_id", &filter.target_id);
+        w.eq_text("actor_id", &filter.actor_id);
+        w.cmp_int("created_at", ">=", filter.from);
+        w.cmp_int("created_at", "<", filter.to);
         if let Some(prefix) = filter.action_prefix.as_ref().filter(|p| !p.is_empty()) {
             let n = w.next();
             // The length is a number computed here, not input text.

@@ -16,6 +16,8 @@ use crate::service::{Service, ServiceConfig, SystemClock};
 use crate::sidecar::{self, SidecarConfig};
 use crate::store::Store;
 
+mod history;
+
 pub const DEMO_AGENT_ID: &str = "agt_demo";
 /// The emulator accepts any test-mode key; this one is only meaningful locally.
 pub const DEV_STRIPE_KEY: &str = "sk_test_roony_dev";
@@ -57,6 +59,10 @@ pub struct DevArgs {
     /// live on the connected account (`roony simulate` needs `--stripe-account`).
     #[arg(long, env = "ROONY_DEV_STRIPE_CONNECT")]
     pub stripe_connect: bool,
+    /// Do not create the demo history (a second agent, `agt_research`, whose purchases,
+    /// charges, decline and pending approval fill the dashboard on a new data directory).
+    #[arg(long, env = "ROONY_DEV_NO_HISTORY")]
+    pub no_history: bool,
     #[command(flatten)]
     pub mcp: crate::cli::McpHostArgs,
     #[command(flatten)]
@@ -193,7 +199,15 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     };
 
     let seeded = match &control {
-        Some(_) => Some(seed_control_plane(&control_db, args.agent_key.as_deref()).await?),
+        Some(_) => Some(
+            seed_control_plane(
+                &control_db,
+                args.agent_key.as_deref(),
+                // Connect mode has no account connected at start: nothing could be issued.
+                !args.no_history && !args.stripe_connect,
+            )
+            .await?,
+        ),
         None => None,
     };
     let stripe = match (&control, &seeded) {
@@ -215,6 +229,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     };
     let store = sidecar::open_store(&config.data_dir).map_err(|e| e.to_string())?;
     let service = sidecar::build_service(store.clone(), &config).map_err(|e| e.to_string())?;
+    let mut history_key = None;
     let (key, synced) = match (&control, seeded) {
         // The control plane is the source of truth: the demo agent and its policy live there
         // and reach the sidecar as a signed bundle, like any production sidecar.
@@ -229,6 +244,10 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             wait_for_agent(&service, &seeded.agent_key).await?;
+            if let Some(k) = seeded.history_key {
+                wait_for_agent(&service, &k).await?;
+                history_key = Some(k);
+            }
             (seeded.agent_key, true)
         }
         _ => {
@@ -255,6 +274,19 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
 
     let base = format!("http://{}", running.addr);
+    if let Some(k) = history_key {
+        // In the background: the sidecar serves meanwhile; a failure is reported, not fatal.
+        let (sidecar, emulator) = (base.clone(), format!("http://{emulator_addr}"));
+        tokio::spawn(async move {
+            match history::seed(&sidecar, &k, &emulator).await {
+                Ok(s) => eprintln!(
+                    "roony: demo history: {} purchases approved ({} charged by their merchants), {} declined, {} waiting for approval in the dashboard",
+                    s.approved, s.charges, s.declined, s.pending
+                ),
+                Err(e) => eprintln!("roony: demo history incomplete: {e}"),
+            }
+        });
+    }
     eprintln!("roony: stripe emulator listening on http://{emulator_addr}");
     eprintln!("roony: sidecar listening on {base}");
     let admin_token = control_config
@@ -335,6 +367,8 @@ fn retire_previous_key(
 struct Seeded {
     agent_key: String,
     sidecar_token: String,
+    /// The history agent's key, when it was created by this run (a new data directory).
+    history_key: Option<String>,
 }
 
 /// The dashboard admin `roony dev` creates.
@@ -393,6 +427,7 @@ async fn seed_dashboard_admin(
 async fn seed_control_plane(
     db: &crate::control::db::ControlDb,
     fixed_key: Option<&str>,
+    with_history: bool,
 ) -> Result<Seeded, String> {
     use crate::control::db::{Actor, DbError};
     let err = |what: &str, e: DbError| format!("cannot seed the control plane ({what}): {e}");
@@ -449,10 +484,40 @@ async fn seed_control_plane(
         }
         Err(e) => return Err(err("agent", e)),
     }
-    let policy = serde_json::to_string(&demo_policy()).map_err(|e| e.to_string())?;
-    db.put_policy(DEMO_AGENT_ID, &policy, &actor, now)
-        .await
-        .map_err(|e| err("policy", e))?;
+    // The demo policy only where there is none: an administrator's edits survive restarts.
+    match db.get_policy(DEMO_AGENT_ID).await {
+        Ok(_) => {}
+        Err(DbError::NotFound(_)) => {
+            let policy = serde_json::to_string(&demo_policy()).map_err(|e| e.to_string())?;
+            db.put_policy(DEMO_AGENT_ID, &policy, &actor, now)
+                .await
+                .map_err(|e| err("policy", e))?;
+        }
+        Err(e) => return Err(err("policy", e)),
+    }
+    // The history agent, on a new data directory only (its key lives in this run's memory).
+    let history_key = match db.get_agent(history::RESEARCH_AGENT_ID).await {
+        Ok(_) => None,
+        Err(DbError::NotFound(_)) if with_history => {
+            let key = crate::auth::generate();
+            let policy =
+                serde_json::to_string(&history::research_policy()).map_err(|e| e.to_string())?;
+            db.create_agent_with_policy(
+                &project.id,
+                Some(history::RESEARCH_AGENT_ID),
+                "research agent",
+                &key,
+                Some(&policy),
+                &actor,
+                now,
+            )
+            .await
+            .map_err(|e| err("history agent", e))?;
+            Some(key.plaintext.clone())
+        }
+        Err(DbError::NotFound(_)) => None,
+        Err(e) => return Err(err("history agent", e)),
+    };
     let token = crate::auth::generate();
     db.create_sidecar(&project.id, "roony dev sidecar", &token, &actor, now)
         .await
@@ -460,6 +525,7 @@ async fn seed_control_plane(
     Ok(Seeded {
         agent_key: key.plaintext.clone(),
         sidecar_token: token.plaintext.clone(),
+        history_key,
     })
 }
 

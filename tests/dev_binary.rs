@@ -207,6 +207,25 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The demo history (a new data directory): the research agent's purchases went through
+    // the sidecar, the relay and the emulator's merchants, and the control plane's ledger
+    // holds each outcome.
+    wait_for(&stderr_path, "roony: demo history:");
+    let statuses = research_statuses(&client, &control).await;
+    assert_eq!(statuses.len(), 7, "{statuses:?}");
+    for (status, n) in [
+        ("settled", 2),
+        ("declined", 1),
+        ("pending_approval", 1),
+        ("approved", 3),
+    ] {
+        assert_eq!(
+            statuses.iter().filter(|s| s.as_str() == status).count(),
+            n,
+            "{status}: {statuses:?}"
+        );
+    }
+
     // Stop gracefully so everything is flushed, then scan.
     let mut child = child;
     stop(&mut child);
@@ -242,7 +261,38 @@ async fn dev_buys_declines_and_never_writes_a_card_number() {
     }
 }
 
-/// Restarting `roony dev` on the same data directory retires the previous run's demo key.
+/// The statuses of the history agent's intents in the control plane's ledger (eventually:
+/// the sidecar's outbox and the settlement webhooks arrive asynchronously).
+async fn research_statuses(client: &reqwest::Client, control: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let page: Value = client
+            .get(format!(
+                "{control}/api/admin/v1/intents?agent_id=agt_research&limit=100"
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let statuses: Vec<String> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["status"].as_str().unwrap().to_string())
+            .collect();
+        let settled = statuses.iter().filter(|s| *s == "settled").count();
+        if (statuses.len() == 7 && settled == 2) || std::time::Instant::now() > deadline {
+            return statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Restarting `roony dev` on the same data directory retires the previous run's demo key,
+/// keeps an administrator's policy edit and does not add the demo history again.
 #[tokio::test]
 async fn a_restart_retires_the_previous_demo_key() {
     let tmp = tempfile::tempdir().unwrap();
@@ -264,6 +314,7 @@ async fn a_restart_retires_the_previous_demo_key() {
                 .arg("--data-dir")
                 .arg(&data)
                 .env_remove("ROONY_DEV_AGENT_KEY")
+                .env("ROONY_DEV_ADMIN_TOKEN", ADMIN_TOKEN)
                 .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
                 .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
                 .spawn()
@@ -276,9 +327,16 @@ async fn a_restart_retires_the_previous_demo_key() {
             .unwrap()
             .trim()
             .to_string();
+        let line = wait_for(&err, "control plane listening on");
+        let control = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string();
         let key_line = wait_for(&out, "Agent key");
         let key = key_line.split(": ").nth(1).unwrap().trim().to_string();
-        (child, base, key)
+        (child, base, key, control, err)
     };
     let budget = |base: String, key: String| async move {
         reqwest::Client::new()
@@ -290,11 +348,47 @@ async fn a_restart_retires_the_previous_demo_key() {
             .status()
             .as_u16()
     };
-    let (first, base1, key1) = run(1);
+    let client = reqwest::Client::new();
+    let (first, base1, key1, control1, err1) = run(1);
     assert_eq!(budget(base1, key1.clone()).await, 200);
+    wait_for(&err1, "roony: demo history:");
+    assert_eq!(research_statuses(&client, &control1).await.len(), 7);
+    // An administrator edits the demo agent's policy.
+    let mut policy = roony::dev::demo_policy();
+    policy.max_per_transaction = Some(4_200);
+    let r = client
+        .put(format!("{control1}/api/admin/v1/agents/agt_demo/policy"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let edited: Value = r.json().await.unwrap();
+    let mut first = first;
+    stop(&mut first);
     drop(first);
-    let (_second, base2, key2) = run(2);
+    let (_second, base2, key2, control2, err2) = run(2);
     assert_ne!(key1, key2);
+    // The edit survives the restart; the history is not added twice.
+    let current: Value = client
+        .get(format!("{control2}/api/admin/v1/agents/agt_demo/policy"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(current["revision"], edited["revision"]);
+    assert_eq!(current["document"]["max_per_transaction"], 4_200);
+    assert_eq!(research_statuses(&client, &control2).await.len(), 7);
+    assert!(
+        !std::fs::read_to_string(&err2)
+            .unwrap()
+            .contains("demo history"),
+        "no second history"
+    );
     assert_eq!(budget(base2.clone(), key2).await, 200);
     assert_eq!(
         budget(base2, key1).await,

@@ -212,6 +212,7 @@ pub fn router(state: DashState) -> Router {
         .route("/logout", post(logout))
         .route("/setup", get(setup_form).post(setup_submit))
         .route("/assets/{name}", get(asset))
+        .route("/favicon.ico", get(favicon))
         .merge(agents::routes())
         .merge(policies::routes())
         .merge(approvals::routes())
@@ -269,6 +270,25 @@ pub fn not_found_page() -> Response {
         HeaderValue::from_static("nosniff"),
     );
     resp
+}
+
+/// The tab icon (browsers ask for `/favicon.ico` whatever the page says).
+async fn favicon() -> Response {
+    const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\"><rect width=\"32\" height=\"32\" rx=\"6\" fill=\"#111827\"/><text x=\"16\" y=\"23\" font-size=\"20\" font-family=\"sans-serif\" font-weight=\"bold\" text-anchor=\"middle\" fill=\"#818cf8\">R</text></svg>";
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("image/svg+xml"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=86400"),
+            ),
+        ],
+        ICON,
+    )
+        .into_response()
 }
 
 /// Vendored static files, built into the binary.

@@ -50,6 +50,7 @@ fn head(title: &str) -> Markup {
             meta name="htmx-config" content=(HTMX_CONFIG);
             title { (title) " · Roony" }
             link rel="stylesheet" href="/assets/app.css";
+            link rel="icon" href="/favicon.ico" type="image/svg+xml";
             script src="/assets/htmx.min.js" defer {}
             script src="/assets/app.js" defer {}
         }

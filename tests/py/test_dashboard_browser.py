@@ -6,7 +6,8 @@ sign in → connect Stripe through the emulator's OAuth page → some purchases 
 create an agent (its key, shown once, works at the sidecar) → dry run a tighter budget →
 edit the demo agent's policy, see the validation error, publish it (the sidecar enforces
 it) → an agent's purchase above the approval threshold waits in the approvals queue →
-approve it with a note → the agent gets its card (API and MCP) → the merchant's charge
+approve it with a note → the agent gets its card (API and MCP) → deny another with a
+note → the agent learns why (API and MCP) → the merchant's charge
 joins the purchase's chain in transactions → CSV export → the other pages → disconnect
 Stripe (purchases decline with stripe_account_disconnected) → sign out.
 
@@ -386,6 +387,52 @@ def test_admin_journey(roony_bin, dev, browser, shots):
     assert not via_mcp.is_error, via_mcp.content
     assert via_mcp.structured_content["status"] == "approved"
     assert via_mcp.structured_content["card"]["last4"] == got["card"]["last4"]
+
+    # Another purchase waits; the administrator denies it with a note, and the agent learns
+    # why (API and MCP): declined, denied_by_admin, the note in the message.
+    r = requests.post(
+        f"{sidecar}/api/v1/purchase_intent",
+        headers=agent_headers(),
+        json={
+            "amount": 7_000,
+            "currency": "usd",
+            "merchant": {"name": "Conference Tickets", "url": "https://conf.example", "country": "US"},
+            "description": "two conference passes",
+        },
+        timeout=5,
+    )
+    denied_id = r.json()["id"]
+    assert r.json()["status"] == "pending_approval", r.text
+
+    def queued_denial():
+        d.get(f"{base}/approvals")
+        return denied_id in d.page_source
+
+    eventually(queued_denial, "the second purchase in the approvals queue")
+    row = d.find_element(By.ID, f"approval-{denied_id}")
+    row.find_element(By.CSS_SELECTOR, "textarea[data-test=approval-note]").send_keys("not in this quarter's plan")
+    row.find_element(By.CSS_SELECTOR, "[data-test=deny]").click()
+    eventually(lambda: "denied" in flash(d).lower(), "the denial confirmation")
+
+    def agent_sees_denial():
+        got = requests.get(
+            f"{sidecar}/api/v1/purchase_intents/{denied_id}", headers=agent_headers(), timeout=5
+        ).json()
+        return got if got.get("status") == "declined" else None
+
+    denied = eventually(agent_sees_denial, "the denial at the agent")
+    assert "denied_by_admin" in json.dumps(denied), denied
+    assert "not in this quarter's plan" in json.dumps(denied), denied
+    assert not denied.get("card"), denied
+
+    async def mcp_get_denied():
+        http = httpx2.AsyncClient(headers=agent_headers(), timeout=30)
+        async with Client(streamable_http_client(f"{sidecar}/mcp", http_client=http)) as c:
+            return await c.call_tool("get_purchase", {"id": denied_id})
+
+    via_mcp = asyncio.run(asyncio.wait_for(mcp_get_denied(), timeout=60))
+    assert via_mcp.structured_content["status"] == "declined", via_mcp
+    assert "not in this quarter's plan" in json.dumps(via_mcp.structured_content)
 
     # The merchant charges the approved card: the real-time authorization and the capture
     # join the purchase's chain.

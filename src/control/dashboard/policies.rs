@@ -119,6 +119,8 @@ struct DryRunView {
     truncated: bool,
     current_revision: Option<i64>,
     current_invalid: bool,
+    /// How many agent budgets were folded into both sides.
+    agent_budgets: usize,
 }
 
 struct Editor<'a> {
@@ -202,7 +204,10 @@ fn dry_run_markup(d: &DryRunView) -> Markup {
             h2 { "Dry run: the last " (d.days) " days" }
             p #draft-valid { "The draft is valid (not published yet)." }
             p.muted.small #dry-run-caveat {
-                "Replayed from the ledger in time order with budgets, velocity and risk history rebuilt as the replay goes; not reconstructed: intents before the window (earlier budget use and risk history), reservations released later, agent/project/organization budgets set outside the policy, the frozen state and MCP confirmations."
+                "Replayed from the ledger in time order with budgets, velocity and risk history rebuilt as the replay goes. "
+                "Both the current policy and the draft include this agent's budgets, folded in as its sidecar folds them (an agent budget tightens the policy's budget of its period)"
+                @if d.agent_budgets > 0 { " — " span #dry-run-agent-budgets data-count=(d.agent_budgets) { (d.agent_budgets) " agent budget(s)" } " here; change them on the agent's page, where a budget can be dry-run too" }
+                ". Not reconstructed: intents before the window (earlier budget use and risk history), reservations released later, project and organization budgets (shared with other agents), the frozen state and MCP confirmations."
             }
             @if d.current_invalid { p.error { "The current policy could not be read: it counts as no policy (everything declined)." } }
             @if d.truncated { p.error { "Only the first " (MAX_REPLAY) " intents of the window were replayed." } }
@@ -385,8 +390,8 @@ async fn dry_run(
         .unwrap_or_else(|| DEFAULT_DAYS.to_string());
     let parsed = parse_draft(&draft);
     let days = parse_days(Some(&days_text));
-    let (compiled, days) = match (parsed, days) {
-        (Ok((_, c)), Ok(d)) => (c, d),
+    let (draft_policy, days) = match (parsed, days) {
+        (Ok((p, _)), Ok(d)) => (p, d),
         (p, d) => {
             let mut errors = p.err().unwrap_or_default();
             errors.extend(d.err());
@@ -413,11 +418,42 @@ async fn dry_run(
     };
     let now = unix_now();
     let current = revisions.first();
+    // Both sides with the agent's budgets folded in as its sidecar folds them: an agent
+    // budget tightens (or adds) the policy's budget of its period.
+    let own = state
+        .db
+        .list_budgets(Some(crate::control::model::BudgetScope::Agent), Some(&id))
+        .await?;
     let current_compiled = current.and_then(|r| {
         serde_json::from_value::<Policy>(r.document.clone())
             .ok()
-            .and_then(|p| p.compile().ok())
+            .and_then(|p| super::agents::budgets::folded(p, &own).compile().ok())
     });
+    let compiled = match super::agents::budgets::folded(draft_policy, &own).compile() {
+        Ok(c) => c,
+        Err(errors) => {
+            let content = editor_markup(
+                &m.session,
+                &Editor {
+                    agent: &agent,
+                    revisions: &revisions,
+                    draft: &draft,
+                    errors: &errors,
+                    days: &days_text,
+                    dry_run: None,
+                },
+            );
+            return Ok(ui::page_with_status(
+                &m.session,
+                &headers,
+                Nav::Policies,
+                &title(&agent),
+                content,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ));
+        }
+    };
+    let agent_budgets = own.len();
     let limit = i64::try_from(MAX_REPLAY).unwrap_or(10_000) + 1;
     let intents = state
         .db
@@ -438,6 +474,7 @@ async fn dry_run(
         truncated,
         current_revision: current.map(|r| r.revision),
         current_invalid: current.is_some() && current_compiled.is_none(),
+        agent_budgets,
     };
     let content = editor_markup(
         &m.session,
@@ -490,7 +527,7 @@ async fn diff_page(
         return Err(PageError::not_found("policy"));
     };
     let to = parse_revision(q.to.as_deref(), "to")?.unwrap_or(current.revision);
-    let from = parse_revision(q.from.as_deref(), "from")?.unwrap_or((to - 1).max(1));
+    let from = parse_revision(q.from.as_deref(), "from")?.unwrap_or(to.saturating_sub(1).max(1));
     let find = |n: i64| {
         revisions
             .iter()

@@ -595,6 +595,47 @@ async fn budgets_as_sidecars_enforce_them(ctx: Ctx) {
     );
     let weekly = row_with(table, &["data-source=\"agent\"", "data-period=\"weekly\""]);
     assert!(weekly.contains("data-limit=\"500000\""), "{weekly}");
+    // An all-time budget counts purchases of any age (here one of 40 days ago, which no
+    // other period counts).
+    let mut old = declined("pur_fin_old", "agt_fin");
+    old.status = "approved".into();
+    old.amount = 1_000;
+    old.decision_outcome = Some("approved".into());
+    old.created_at = now() - 40 * 86_400;
+    db.insert_intent(&old).await.unwrap();
+    let p = d
+        .post(
+            path,
+            &[
+                ("period", "all_time"),
+                ("currency", "USD"),
+                ("amount", "100"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let page = d.get("/agents/agt_fin").await;
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    let all = row_with(
+        table,
+        &["data-source=\"agent\"", "data-period=\"all_time\""],
+    );
+    assert!(
+        all.contains("data-limit=\"10000\" data-used=\"6500\""),
+        "{all}"
+    );
+    let weekly = row_with(table, &["data-period=\"weekly\""]);
+    assert!(weekly.contains("data-used=\"5500\""), "{weekly}");
+    let all_time_budget = db
+        .list_budgets(Some(BudgetScope::Agent), Some("agt_fin"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.period == "all_time")
+        .unwrap();
+    db.delete_budget(&all_time_budget.id, &Actor::system(), now())
+        .await
+        .unwrap();
     assert!(!table.contains("data-source=\"policy\""), "{table}");
     assert!(!page.body.contains("id=\"inactive-budgets\""));
 

@@ -488,6 +488,11 @@ async fn detail(
             .await?,
     );
     let now = auth::unix_now();
+    let parsed = policy
+        .as_ref()
+        .and_then(|p| budgets::policy_of(Some(&p.document)));
+    let all_time =
+        budgets::any_all_time([parsed.as_ref()], &own) || budgets::any_all_time([], &shared);
     let usage = budgets::Usage::load(
         db,
         now,
@@ -495,12 +500,10 @@ async fn detail(
             agent: Some(id),
             project: Some(&agent.project_id),
             org: Some(&agent.org_id),
+            all_time,
         },
     )
     .await?;
-    let parsed = policy
-        .as_ref()
-        .and_then(|p| budgets::policy_of(Some(&p.document)));
     let view = budgets::agent_view(&agent, parsed.as_ref(), &own, &shared, &usage);
     let limit_rows: Vec<(Option<&Agent>, &budgets::Limit)> =
         view.limits.iter().map(|l| (None, l)).collect();

@@ -16,8 +16,9 @@ use super::agents::budgets;
 use super::auth::{Mutation, Session, unix_now};
 use super::ui::{self, Nav};
 use super::{DashState, PageError, redirect_with_flash};
-use crate::control::db::{AgentPolicy, DecideError};
-use crate::control::model::{Budget, BudgetScope, Cursor, Intent};
+use crate::control::db::{DbError, DecideError};
+use crate::control::model::{Agent, Budget, BudgetScope, Cursor, Intent};
+use crate::policy::Policy;
 
 pub fn routes() -> Router<DashState> {
     Router::new()
@@ -93,37 +94,56 @@ async fn render(
     let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
     let now = unix_now();
     // What is left in each budget of the agents in this page.
-    let policies: HashMap<String, AgentPolicy> = db
-        .dash_agent_policies()
-        .await?
-        .into_iter()
-        .map(|a| (a.agent.id.clone(), a))
-        .collect();
     let all_budgets = db.list_budgets(None, None).await?;
-    let usage = budgets::Usage::load(db, now, budgets::UsageScope::default()).await?;
     let shared: Vec<Budget> = all_budgets
         .iter()
         .filter(|b| b.scope != BudgetScope::Agent)
         .cloned()
         .collect();
-    let mut views: HashMap<String, budgets::AgentView> = HashMap::new();
+    let mut agents: Vec<(Agent, Option<Policy>, Vec<Budget>)> = Vec::new();
     for p in &page.items {
         let id = &p.intent.agent_id;
-        if views.contains_key(id) {
+        if agents.iter().any(|(a, _, _)| &a.id == id) {
             continue;
         }
-        let Some(a) = policies.get(id) else { continue };
+        let agent = match db.get_agent(id).await {
+            Ok(a) => a,
+            Err(DbError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let policy = match db.get_policy(id).await {
+            Ok(r) => budgets::policy_of(Some(&r.document)),
+            Err(DbError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
         let own: Vec<Budget> = all_budgets
             .iter()
             .filter(|b| b.scope == BudgetScope::Agent && &b.scope_id == id)
             .cloned()
             .collect();
-        let policy = budgets::policy_of(a.policy.as_ref());
-        views.insert(
-            id.clone(),
-            budgets::agent_view(&a.agent, policy.as_ref(), &own, &shared, &usage),
-        );
+        agents.push((agent, policy, own));
     }
+    let usage = budgets::Usage::load(
+        db,
+        now,
+        budgets::UsageScope {
+            all_time: budgets::any_all_time(
+                agents.iter().map(|(_, p, _)| p.as_ref()),
+                &all_budgets,
+            ),
+            ..budgets::UsageScope::default()
+        },
+    )
+    .await?;
+    let views: HashMap<String, budgets::AgentView> = agents
+        .iter()
+        .map(|(a, p, own)| {
+            (
+                a.id.clone(),
+                budgets::agent_view(a, p.as_ref(), own, &shared, &usage),
+            )
+        })
+        .collect();
     let content = html! {
         @if let Some(r) = &refusal {
             p.error role="alert" #decision-refused data-code=(r.code) { (r.message) }

@@ -128,7 +128,19 @@ pub async fn page(
     // Budgets as sidecars enforce them, most used first.
     let agents = db.dash_agent_policies().await?;
     let budgets = db.list_budgets(None, None).await?;
-    let usage = budgets::Usage::load(db, now, budgets::UsageScope::default()).await?;
+    let policies: Vec<_> = agents
+        .iter()
+        .map(|a| budgets::policy_of(a.policy.as_ref()))
+        .collect();
+    let usage = budgets::Usage::load(
+        db,
+        now,
+        budgets::UsageScope {
+            all_time: budgets::any_all_time(policies.iter().map(Option::as_ref), &budgets),
+            ..budgets::UsageScope::default()
+        },
+    )
+    .await?;
     let views = budgets::all_views(&agents, &budgets, &usage);
     let shared: Vec<budgets::Limit> = budgets
         .iter()

@@ -218,22 +218,33 @@ impl ControlDb {
     /// scope id and currency (upper case): the sum of [`COUNTED`] over the intents of the
     /// scope created (decided) since each bucket's start — a reservation counts in the
     /// periods of the moment it was made. `starts` are the buckets' starts (daily, weekly,
-    /// monthly; all-time has none). `only`: one scope id, else every one.
+    /// monthly; all-time has none). `only`: one scope id, else every one. Without
+    /// `all_time` only intents since the earliest of `starts` are read (the all-time column
+    /// then holds just those): the common case reads about a month of the ledger.
     pub async fn dash_budget_usage(
         &self,
         scope: BudgetScope,
         starts: [i64; 3],
         only: Option<&str>,
+        all_time: bool,
     ) -> Result<HashMap<(String, String), PeriodUsage>, DbError> {
         let column = match scope {
             BudgetScope::Org => "org_id",
             BudgetScope::Project => "project_id",
             BudgetScope::Agent => "agent_id",
         };
-        let filter = if only.is_some() {
-            format!(" WHERE {column} = $4")
-        } else {
+        let mut clauses = Vec::new();
+        if only.is_some() {
+            clauses.push(format!("{column} = $4"));
+        }
+        if !all_time {
+            let n = if only.is_some() { 5 } else { 4 };
+            clauses.push(format!("created_at >= ${n}"));
+        }
+        let filter = if clauses.is_empty() {
             String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
         };
         let sql = format!(
             "SELECT {column} AS scope_id, UPPER(currency) AS cur, \
@@ -249,6 +260,9 @@ impl ControlDb {
             .bind(starts[2]);
         if let Some(id) = only {
             q = q.bind(id.to_string());
+        }
+        if !all_time {
+            q = q.bind(starts.iter().copied().min().unwrap_or(0));
         }
         let rows = q.fetch_all(self.pool()).await?;
         let mut out = HashMap::with_capacity(rows.len());

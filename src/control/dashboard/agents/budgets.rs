@@ -140,12 +140,26 @@ pub struct Usage {
     org: HashMap<(String, String), PeriodUsage>,
 }
 
-/// The scopes one page needs the usage of (`None`: every one).
+/// The scopes one page needs the usage of (`None`: every one), and whether any of its
+/// limits is `all_time` (then the whole ledger is read; else about a month of it).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UsageScope<'a> {
     pub agent: Option<&'a str>,
     pub project: Option<&'a str>,
     pub org: Option<&'a str>,
+    pub all_time: bool,
+}
+
+/// Whether any of these policies or budgets has an `all_time` limit.
+pub fn any_all_time<'a>(
+    policies: impl IntoIterator<Item = Option<&'a Policy>>,
+    budgets: &[Budget],
+) -> bool {
+    budgets.iter().any(|b| b.period == Period::AllTime.as_str())
+        || policies
+            .into_iter()
+            .flatten()
+            .any(|p| p.budgets.iter().any(|r| r.period == Period::AllTime))
 }
 
 impl Usage {
@@ -155,15 +169,16 @@ impl Usage {
             Period::Weekly.bucket_start(now),
             Period::Monthly.bucket_start(now),
         ];
+        let all = only.all_time;
         Ok(Usage {
             agent: db
-                .dash_budget_usage(BudgetScope::Agent, starts, only.agent)
+                .dash_budget_usage(BudgetScope::Agent, starts, only.agent, all)
                 .await?,
             project: db
-                .dash_budget_usage(BudgetScope::Project, starts, only.project)
+                .dash_budget_usage(BudgetScope::Project, starts, only.project, all)
                 .await?,
             org: db
-                .dash_budget_usage(BudgetScope::Org, starts, only.org)
+                .dash_budget_usage(BudgetScope::Org, starts, only.org, all)
                 .await?,
         })
     }
@@ -483,7 +498,19 @@ async fn render(
     let now = auth::unix_now();
     let agents = db.dash_agent_policies().await?;
     let budgets = db.list_budgets(None, None).await?;
-    let usage = Usage::load(db, now, UsageScope::default()).await?;
+    let policies: Vec<Option<Policy>> = agents
+        .iter()
+        .map(|a| policy_of(a.policy.as_ref()))
+        .collect();
+    let usage = Usage::load(
+        db,
+        now,
+        UsageScope {
+            all_time: any_all_time(policies.iter().map(Option::as_ref), &budgets),
+            ..UsageScope::default()
+        },
+    )
+    .await?;
     let views = all_views(&agents, &budgets, &usage);
     let projects = db.list_projects(None).await?;
     let orgs = db.list_orgs().await?;

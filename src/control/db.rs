@@ -1648,12 +1648,17 @@ impl ControlDb {
         .await?
         .rows_affected();
         if n == 0 {
-            let current = sqlx::query("SELECT status FROM intents WHERE id = $1")
+            // Decided concurrently, or its deadline passed since the read above.
+            let current = sqlx::query("SELECT status, expires_at FROM intents WHERE id = $1")
                 .bind(intent_id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(DbError::NotFound("intent"))?;
-            return Err(DecideError::NotPending(current.try_get("status")?));
+            let status: String = current.try_get("status")?;
+            return Err(match current.try_get::<Option<i64>, _>("expires_at")? {
+                Some(at) if status == "pending_approval" => DecideError::Expired { expires_at: at },
+                _ => DecideError::NotPending(status),
+            });
         }
         let agent_id: String = sqlx::query("SELECT agent_id FROM intents WHERE id = $1")
             .bind(intent_id.to_string())

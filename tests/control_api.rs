@@ -146,6 +146,8 @@ on_both!(
     intents_filters_and_pagination,
     decisions_filters,
     approvals,
+    approvals_refused_when_frozen_or_expired,
+    budgets_are_deleted,
     audit_trail,
     bad_input_is_4xx,
     admin_tokens,
@@ -1005,6 +1007,164 @@ async fn approvals(ctx: Ctx) {
         }
     }
     assert_eq!(ok, 1);
+}
+
+/// Sets an intent's deadline (what a sidecar reports as `expires_at`).
+async fn set_expires_at(ctx: &Ctx, id: &str, at: i64) {
+    sqlx::query("UPDATE intents SET expires_at = $1 WHERE id = $2")
+        .bind(at)
+        .bind(id.to_string())
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
+}
+
+async fn approvals_refused_when_frozen_or_expired(ctx: Ctx) {
+    seed_ledger(&ctx).await;
+    let now = common::dash::now();
+    // pur_0002 (agt_a) and pur_0005 (agt_b) are pending.
+    let (s, _) = ctx
+        .post(
+            "/agents/agt_a/freeze",
+            json!({"reason": "discrepancy over_capture"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let decisions_before = ctx
+        .db
+        .list_decisions(&LedgerFilter::default(), 100, None)
+        .await
+        .unwrap()
+        .items
+        .len();
+    let revision_before = ctx.db.config_revision().await.unwrap();
+
+    // Approving for a frozen agent: 409 agent_frozen, nothing written.
+    let (s, b) = ctx
+        .post("/intents/pur_0002/approve", json!({"note": "please"}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["error"]["code"], "agent_frozen");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("discrepancy over_capture"),
+        "{b}"
+    );
+    let (_, i) = ctx.get("/intents/pur_0002").await;
+    assert_eq!(i["status"], "pending_approval");
+    assert_eq!(i["reasons"], json!(["approval_required"]));
+    let row = sqlx::query("SELECT admin_decision FROM intents WHERE id = 'pur_0002'")
+        .fetch_one(ctx.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.get::<Option<String>, _>("admin_decision"), None);
+    assert_eq!(
+        ctx.db
+            .list_decisions(&LedgerFilter::default(), 100, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        decisions_before
+    );
+    assert_eq!(ctx.db.config_revision().await.unwrap(), revision_before);
+    assert!(
+        ctx.db
+            .list_audit_events(Some(("intent", "pur_0002")), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Denying stays possible.
+    let (s, b) = ctx.post_empty("/intents/pur_0002/deny").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["intent"]["status"], "declined");
+    // Unfrozen, its next pending purchase can be approved again.
+    let (s, _) = ctx.post_empty("/agents/agt_a/unfreeze").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = ctx.post_empty("/intents/pur_0008/approve").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    // A request past its deadline: neither approved nor denied.
+    set_expires_at(&ctx, "pur_0005", now - 5).await;
+    for action in ["approve", "deny"] {
+        let (s, b) = ctx.post_empty(&format!("/intents/pur_0005/{action}")).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{action}: {b}");
+        assert_eq!(b["error"]["code"], "intent_expired", "{action}");
+    }
+    let (_, i) = ctx.get("/intents/pur_0005").await;
+    assert_eq!(i["status"], "pending_approval");
+    // Before its deadline it can be decided.
+    set_expires_at(&ctx, "pur_0011", now + 600).await;
+    let (s, b) = ctx.post_empty("/intents/pur_0011/deny").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+async fn budgets_are_deleted(ctx: Ctx) {
+    let project = ctx.project("p").await;
+    ctx.agent(&project, "agt_d").await;
+    let (s, b) = ctx
+        .put(
+            "/budgets",
+            json!({"scope": "project", "scope_id": project, "period": "daily", "currency": "USD", "limit": 50_000}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let (s, _) = ctx
+        .put(
+            "/budgets",
+            json!({"scope": "agent", "scope_id": "agt_d", "period": "daily", "currency": "USD", "limit": 1_000}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let revision = ctx.db.config_revision().await.unwrap();
+
+    // Unauthenticated: refused, nothing deleted.
+    let r = ctx
+        .client
+        .delete(ctx.url(&format!("/budgets/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (s, b) = ctx
+        .send(
+            ctx.client
+                .delete(ctx.url(&format!("/budgets/{id}")))
+                .bearer_auth(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["id"], id.as_str());
+    assert_eq!(b["scope"], "project");
+    assert_eq!(b["limit"], 50_000);
+    assert!(ctx.db.config_revision().await.unwrap() > revision);
+    let (_, all) = ctx.get("/budgets").await;
+    let items = all["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{all}");
+    assert_eq!(items[0]["scope"], "agent");
+    let events = ctx
+        .db
+        .list_audit_events(Some(("project", &project)), 10)
+        .await
+        .unwrap();
+    assert_eq!(events[0].action, "budget.delete");
+    assert_eq!(events[0].details["budget_id"], id.as_str());
+    // Gone: 404, and its leases endpoint too.
+    let (s, b) = ctx
+        .send(
+            ctx.client
+                .delete(ctx.url(&format!("/budgets/{id}")))
+                .bearer_auth(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(b["error"]["code"], "budget_not_found");
+    let (s, _) = ctx.get(&format!("/budgets/{id}/leases")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
 async fn audit_trail(ctx: Ctx) {

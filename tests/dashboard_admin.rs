@@ -64,6 +64,7 @@ on_both!(
     sign_in_and_out,
     login_rate_limit,
     overview_shows_spend,
+    budgets_as_sidecars_enforce_them,
     agents_keys_freeze_budgets,
     viewers_and_csrf,
     settings_accounts_and_tokens,
@@ -150,6 +151,7 @@ async fn purchase_with_capture(
             id: format!("dec_{n}"),
             outcome: "approved".into(),
             reasons: vec!["within_policy".into()],
+            messages: vec![],
             decided_at: now(),
         },
         risk_score: None,
@@ -254,6 +256,11 @@ async fn sign_in_and_out(ctx: Ctx) {
     let p = d.get("/").await;
     assert_eq!(p.status, 200, "{}", p.body);
     assert!(p.content_type.starts_with("text/html"));
+    // Nothing spent yet: no currency is claimed.
+    assert!(!p.body.contains("USD 0.00"), "{}", p.body);
+    assert!(p.body.contains("data-empty=\"true\""));
+    assert!(p.body.contains("id=\"no-budgets\""));
+    assert!(!p.body.contains("id=\"frozen-agents-panel\""));
 
     let mut wrong = Dash::new(&ctx.base);
     let p = wrong
@@ -289,10 +296,66 @@ async fn login_rate_limit(ctx: Ctx) {
     assert_eq!(d.login("limited@example.com", PASSWORD).await.status, 429);
 }
 
+/// The `<tr …>` of the row carrying all of `markers`.
+fn row_with<'a>(body: &'a str, markers: &[&str]) -> &'a str {
+    body.match_indices("<tr ")
+        .map(|(i, _)| &body[i..i + body[i..].find("</tr>").unwrap_or(body.len() - i)])
+        .find(|row| markers.iter().all(|m| row.contains(m)))
+        .unwrap_or_else(|| panic!("no row with {markers:?} in:\n{body}"))
+}
+
+/// The section of `body` from `start` to `end` (markers).
+fn between<'a>(body: &'a str, start: &str, end: &str) -> &'a str {
+    let a = body
+        .find(start)
+        .unwrap_or_else(|| panic!("{start} not in:\n{body}"));
+    let b = a + body[a..].find(end).unwrap_or(body.len() - a);
+    &body[a..b]
+}
+
+/// A capture Stripe reports on a card the ledger does not know (no purchase explains it).
+async fn unattributed_capture(db: &ControlDb, n: &str, amount: i64, currency: &str, at: i64) {
+    let applied = db
+        .apply_transaction(
+            &StripeEventMeta {
+                id: format!("evt_{n}"),
+                kind: "issuing_transaction.created".into(),
+                account: None,
+                created: at,
+            },
+            &StripeTransaction {
+                id: format!("ipi_{n}"),
+                card_id: format!("ic_unknown_{n}"),
+                authorization_id: None,
+                kind: "capture".into(),
+                amount,
+                currency: currency.into(),
+                merchant: MerchantData {
+                    name: "MYSTERY SHOP".into(),
+                    ..Default::default()
+                },
+                created: at,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    assert!(applied);
+}
+
+async fn demo_policy(db: &ControlDb, agent: &str) {
+    let doc = serde_json::to_string(&roony::dev::demo_policy()).unwrap();
+    db.put_policy(agent, &doc, &Actor::system(), now())
+        .await
+        .unwrap();
+}
+
 async fn overview_shows_spend(ctx: Ctx) {
     let db = &ctx.db;
     let prj = project(db, "shop").await;
     agent(db, &prj, "agt_buyer", "Buyer Bot").await;
+    // USD 250.00 a day in its policy.
+    demo_policy(db, "agt_buyer").await;
     purchase_with_capture(db, &prj, "agt_buyer", "ov1", 1_234).await;
     db.insert_intent(&declined("pur_declined1", "agt_buyer"))
         .await
@@ -308,28 +371,418 @@ async fn overview_shows_spend(ctx: Ctx) {
     )
     .await
     .unwrap();
+    // Money in another currency that no purchase explains.
+    unattributed_capture(db, "eur1", 700, "eur", now()).await;
     let mut d = Dash::signed_in(db, &ctx.base, "admin@example.com", Role::Admin).await;
     let p = d.get("/").await;
     assert_eq!(p.status, 200, "{}", p.body);
     let b = &p.body;
     assert!(b.contains("<svg"), "{b}");
-    let today = &b[b.find("id=\"spend-today\"").unwrap()..b.find("id=\"spend-month\"").unwrap()];
+    let today = between(b, "id=\"spend-today\"", "id=\"spend-month\"");
     assert!(today.contains("USD 12.34"), "{today}");
-    let month = &b[b.find("id=\"spend-month\"").unwrap()..b.find("id=\"reserved\"").unwrap()];
-    assert!(month.contains("USD 12.34"), "{month}");
+    assert!(today.contains("EUR 7.00"), "{today}");
+    let month = between(b, "id=\"spend-month\"", "id=\"reserved\"");
+    assert!(
+        month.contains("USD 12.34") && month.contains("EUR 7.00"),
+        "{month}"
+    );
     // Reserved: 25.00 held less 12.34 captured.
-    let reserved =
-        &b[b.find("id=\"reserved\"").unwrap()..b.find("id=\"pending-approvals\"").unwrap()];
+    let reserved = between(b, "id=\"reserved\"", "id=\"pending-approvals\"");
     assert!(reserved.contains("USD 12.66"), "{reserved}");
-    assert!(b.contains("Buyer Bot"), "{b}");
-    assert!(b.contains("NAMECHEAP.COM"), "{b}");
-    assert!(b.contains("id=\"budget-usage\""));
-    assert!(b.contains("USD 100.00"));
+
+    // Charts per currency: each scaled on its own, never mixing currencies.
+    let usd_agents = between(
+        b,
+        "data-test=\"chart-agents\" data-currency=\"USD\"",
+        "</figure>",
+    );
+    assert!(
+        usd_agents.contains("Buyer Bot") && usd_agents.contains("USD 12.34"),
+        "{usd_agents}"
+    );
+    assert!(!usd_agents.contains("EUR"), "{usd_agents}");
+    assert!(!usd_agents.contains("unattributed"), "{usd_agents}");
+    let eur_agents = between(
+        b,
+        "data-test=\"chart-agents\" data-currency=\"EUR\"",
+        "</figure>",
+    );
+    assert!(
+        eur_agents.contains("unattributed") && eur_agents.contains("EUR 7.00"),
+        "{eur_agents}"
+    );
+    assert!(!eur_agents.contains("USD"), "{eur_agents}");
+    let usd_merchants = between(
+        b,
+        "data-test=\"chart-merchants\" data-currency=\"USD\"",
+        "</figure>",
+    );
+    assert!(usd_merchants.contains("NAMECHEAP.COM"), "{usd_merchants}");
+    // Daily spend over the last 30 days, per currency: today's column holds the capture.
+    let daily = between(
+        b,
+        "data-test=\"chart-daily\" data-currency=\"USD\"",
+        "</figure>",
+    );
+    assert!(daily.contains("Daily spend, last 30 days, USD"), "{daily}");
+    assert_eq!(daily.matches("class=\"chart-bar\"").count(), 1, "{daily}");
+    assert!(daily.contains("data-value=\"1234\""), "{daily}");
+    assert!(daily.contains(&format!(
+        "{}: USD 12.34",
+        roony::control::dashboard::ui::date(now())
+    )));
+    assert!(b.contains("data-test=\"chart-daily\" data-currency=\"EUR\""));
+
+    // Budgets as the sidecar enforces them: the policy's daily USD 250.00 and the agent's
+    // monthly USD 100.00, each with what it counts now (the open card's USD 25.00 hold).
+    let usage = between(b, "id=\"budget-usage\"", "</table>");
+    let daily_row = row_with(usage, &["data-source=\"policy\"", "data-period=\"daily\""]);
+    assert!(
+        daily_row.contains("data-limit=\"25000\" data-used=\"2500\""),
+        "{daily_row}"
+    );
+    assert!(daily_row.contains("USD 225.00"), "left: {daily_row}");
+    let monthly_row = row_with(usage, &["data-source=\"agent\"", "data-period=\"monthly\""]);
+    assert!(
+        monthly_row.contains("data-limit=\"10000\" data-used=\"2500\""),
+        "{monthly_row}"
+    );
+    assert!(monthly_row.contains("Buyer Bot"));
+    assert!(!b.contains("id=\"no-budgets\""));
+
     assert!(b.contains("exceeds_max_per_transaction"));
     assert!(b.contains("href=\"/transactions/pur_declined1\""));
-    // The capture without an authorization is a discrepancy.
+    // The capture without an authorization is a discrepancy, and it froze the agent.
     assert!(b.contains("id=\"open-discrepancies\""), "{b}");
     assert!(b.contains("href=\"/approvals\""));
+    let panel = between(b, "id=\"frozen-agents-panel\"", "</section>");
+    let frozen = row_with(panel, &["data-agent=\"agt_buyer\""]);
+    assert!(frozen.contains("discrepancy force_capture"), "{frozen}");
+    assert!(
+        frozen.contains("href=\"/transactions/pur_ov1\""),
+        "{frozen}"
+    );
+    assert!(frozen.contains(" UTC"), "since when: {frozen}");
+    assert!(
+        frozen.contains("action=\"/agents/agt_buyer/unfreeze\""),
+        "{frozen}"
+    );
+    assert!(b.contains("data-test=\"frozen-count\""));
+
+    // A viewer sees the panel but no form; an admin unfreezes from it.
+    let mut v = Dash::signed_in(db, &ctx.base, "viewer@example.com", Role::Viewer).await;
+    let vp = v.get("/").await;
+    assert!(vp.body.contains("id=\"frozen-agents-panel\""));
+    assert_eq!(post_forms(&vp.body), Vec::<String>::new());
+    let r = d.post("/agents/agt_buyer/unfreeze", &[]).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(db.get_agent("agt_buyer").await.unwrap().status, "active");
+    let p = d.get("/").await;
+    assert!(!p.body.contains("id=\"frozen-agents-panel\""));
+}
+
+async fn budgets_as_sidecars_enforce_them(ctx: Ctx) {
+    let db = &ctx.db;
+    let org = db.ensure_default_org(now()).await.unwrap();
+    let prj = project(db, "finance").await;
+    agent(db, &prj, "agt_fin", "Fin Bot").await;
+    demo_policy(db, "agt_fin").await;
+    // What counts today: a pending approval's hold (USD 30.00, the amount: no reservation
+    // reported) and an open card's reservation (USD 25.00, more than its USD 10.00
+    // capture); a decline counts nothing.
+    let mut pending = declined("pur_fin_wait", "agt_fin");
+    pending.status = "pending_approval".into();
+    pending.amount = 3_000;
+    pending.reasons = vec!["approval_required".into()];
+    pending.decision_outcome = Some("pending_approval".into());
+    db.insert_intent(&pending).await.unwrap();
+    db.insert_intent(&declined("pur_fin_no", "agt_fin"))
+        .await
+        .unwrap();
+    purchase_with_capture(db, &prj, "agt_fin", "bf1", 1_000).await;
+    db.set_agent_frozen("agt_fin", None, &Actor::system(), now())
+        .await
+        .unwrap();
+    let mut d = Dash::signed_in(db, &ctx.base, "admin@example.com", Role::Admin).await;
+    let page = d.get("/agents/agt_fin").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    let daily = row_with(table, &["data-source=\"policy\"", "data-period=\"daily\""]);
+    assert!(
+        daily.contains("data-limit=\"25000\" data-used=\"5500\""),
+        "{daily}"
+    );
+    assert!(daily.contains("USD 195.00"), "left: {daily}");
+    // The form's currency is the policy's.
+    let form = between(&page.body, "id=\"budget-form\"", "</form>");
+    assert!(form.contains("name=\"currency\" value=\"USD\""), "{form}");
+    // The overview shows the policy's budget (it used to say "no budgets yet").
+    let o = d.get("/").await;
+    let usage = between(&o.body, "id=\"budget-usage\"", "</table>");
+    row_with(
+        usage,
+        &[
+            "data-scope-id=\"agt_fin\"",
+            "data-source=\"policy\"",
+            "data-used=\"5500\"",
+        ],
+    );
+
+    // Another currency than the policy's: refused with the form again, nothing written.
+    let path = "/agents/agt_fin/budgets";
+    let p = d
+        .post(
+            path,
+            &[("period", "daily"), ("currency", "EUR"), ("amount", "10")],
+        )
+        .await;
+    assert_eq!(p.status, 422, "{}", p.body);
+    assert!(
+        p.body
+            .contains("data-field=\"currency\" data-code=\"budget_currency_mismatch\""),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("spends USD only"));
+    // Looser than the policy's budget of the period: refused, the policy's limit named.
+    let p = d
+        .post(
+            path,
+            &[("period", "daily"), ("currency", "USD"), ("amount", "500")],
+        )
+        .await;
+    assert_eq!(p.status, 422, "{}", p.body);
+    assert!(
+        p.body
+            .contains("data-field=\"amount\" data-code=\"budget_looser_than_policy\""),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("USD 250.00") && p.body.contains("USD 500.00"));
+    assert!(
+        p.body.contains("value=\"500\""),
+        "the form keeps what was typed"
+    );
+    assert!(db.list_budgets(None, None).await.unwrap().is_empty());
+    // Tighter: accepted, and shown as the agent budget that tightens the policy's.
+    let p = d
+        .post(
+            path,
+            &[("period", "daily"), ("currency", "usd"), ("amount", "100")],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    // A period the policy has no budget for: added.
+    let p = d
+        .post(
+            path,
+            &[
+                ("period", "weekly"),
+                ("currency", "USD"),
+                ("amount", "5000"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let page = d.get("/agents/agt_fin").await;
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    let daily = row_with(table, &["data-source=\"agent\"", "data-period=\"daily\""]);
+    assert!(
+        daily.contains("data-limit=\"10000\" data-used=\"5500\""),
+        "{daily}"
+    );
+    assert!(
+        daily.contains("tightens the policy") && daily.contains("USD 250.00"),
+        "{daily}"
+    );
+    let weekly = row_with(table, &["data-source=\"agent\"", "data-period=\"weekly\""]);
+    assert!(weekly.contains("data-limit=\"500000\""), "{weekly}");
+    // An all-time budget counts purchases of any age (here one of 40 days ago, which no
+    // other period counts).
+    let mut old = declined("pur_fin_old", "agt_fin");
+    old.status = "approved".into();
+    old.amount = 1_000;
+    old.decision_outcome = Some("approved".into());
+    old.created_at = now() - 40 * 86_400;
+    db.insert_intent(&old).await.unwrap();
+    let p = d
+        .post(
+            path,
+            &[
+                ("period", "all_time"),
+                ("currency", "USD"),
+                ("amount", "100"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let page = d.get("/agents/agt_fin").await;
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    let all = row_with(
+        table,
+        &["data-source=\"agent\"", "data-period=\"all_time\""],
+    );
+    assert!(
+        all.contains("data-limit=\"10000\" data-used=\"6500\""),
+        "{all}"
+    );
+    let weekly = row_with(table, &["data-period=\"weekly\""]);
+    assert!(weekly.contains("data-used=\"5500\""), "{weekly}");
+    let all_time_budget = db
+        .list_budgets(Some(BudgetScope::Agent), Some("agt_fin"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.period == "all_time")
+        .unwrap();
+    db.delete_budget(&all_time_budget.id, &Actor::system(), now())
+        .await
+        .unwrap();
+    assert!(!table.contains("data-source=\"policy\""), "{table}");
+    assert!(!page.body.contains("id=\"inactive-budgets\""));
+
+    // Project and organization budgets from the budgets page.
+    let b = d.get("/budgets").await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert!(b.body.contains("id=\"shared-budget-form\""));
+    let p = d
+        .post(
+            "/budgets",
+            &[
+                ("target", &format!("project:{prj}")),
+                ("period", "monthly"),
+                ("currency", "USD"),
+                ("amount", "1000"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(p.location.as_deref(), Some("/budgets"));
+    let p = d
+        .post(
+            "/budgets",
+            &[
+                ("target", &format!("org:{}", org.id)),
+                ("period", "daily"),
+                ("currency", "EUR"),
+                ("amount", "50"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    for (target, field) in [("project:prj_nope", "target"), ("galaxy", "target")] {
+        let p = d
+            .post(
+                "/budgets",
+                &[
+                    ("target", target),
+                    ("period", "daily"),
+                    ("currency", "USD"),
+                    ("amount", "1"),
+                ],
+            )
+            .await;
+        assert_eq!(p.status, 422, "{target}");
+        assert!(
+            p.body.contains(&format!("data-field=\"{field}\"")),
+            "{target}"
+        );
+    }
+    let p = d
+        .post(
+            "/budgets",
+            &[
+                ("target", &format!("project:{prj}")),
+                ("period", "daily"),
+                ("currency", "USD"),
+                ("amount", "1.234"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-field=\"amount\""));
+    assert_eq!(db.list_budgets(None, None).await.unwrap().len(), 4);
+    let b = d.get("/budgets").await;
+    let shared = between(&b.body, "id=\"shared-limits\"", "</table>");
+    let project_row = row_with(
+        shared,
+        &["data-source=\"project\"", "data-period=\"monthly\""],
+    );
+    assert!(
+        project_row.contains("data-limit=\"100000\" data-used=\"5500\""),
+        "{project_row}"
+    );
+    let org_row = row_with(shared, &["data-source=\"org\"", "data-currency=\"EUR\""]);
+    assert!(org_row.contains("data-used=\"0\""), "{org_row}");
+    // The agent is bound by its project's USD budget, not by the EUR organization budget.
+    let page = d.get("/agents/agt_fin").await;
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    row_with(table, &["data-source=\"project\"", "data-limit=\"100000\""]);
+    assert!(!table.contains("data-source=\"org\""), "{table}");
+
+    // A budget the admin API accepted in another currency is shown as having no effect.
+    let eur = db
+        .set_budget(
+            BudgetScope::Agent,
+            "agt_fin",
+            "monthly",
+            "EUR",
+            9_000,
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+    let page = d.get("/agents/agt_fin").await;
+    let inactive = between(&page.body, "id=\"inactive-budgets\"", "</ul>");
+    assert!(
+        inactive.contains(&format!("data-budget=\"{}\"", eur.id)),
+        "{inactive}"
+    );
+    assert!(inactive.contains("spends USD only"), "{inactive}");
+    let o = d.get("/").await;
+    assert!(o.body.contains("id=\"inactive-budgets-note\""));
+
+    // Deleting: an agent budget goes back to the agent's page, a shared one to /budgets.
+    let p = d.post(&format!("/budgets/{}/delete", eur.id), &[]).await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(p.location.as_deref(), Some("/agents/agt_fin"));
+    let project_budget = db
+        .list_budgets(Some(BudgetScope::Project), Some(&prj))
+        .await
+        .unwrap()
+        .remove(0);
+    let p = d
+        .post(&format!("/budgets/{}/delete", project_budget.id), &[])
+        .await;
+    assert_eq!(p.status, 303);
+    assert_eq!(p.location.as_deref(), Some("/budgets"));
+    assert_eq!(db.list_budgets(None, None).await.unwrap().len(), 3);
+    assert_eq!(d.post("/budgets/bud_nope/delete", &[]).await.status, 404);
+    // Deleting the tightening daily budget: the policy's limit binds again.
+    let daily_budget = db
+        .list_budgets(Some(BudgetScope::Agent), Some("agt_fin"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.period == "daily")
+        .unwrap();
+    assert_eq!(
+        d.post(&format!("/budgets/{}/delete", daily_budget.id), &[])
+            .await
+            .status,
+        303
+    );
+    let page = d.get("/agents/agt_fin").await;
+    let table = between(&page.body, "id=\"agent-budgets\"", "</table>");
+    row_with(
+        table,
+        &[
+            "data-source=\"policy\"",
+            "data-period=\"daily\"",
+            "data-limit=\"25000\"",
+        ],
+    );
 }
 
 async fn agents_keys_freeze_budgets(ctx: Ctx) {
@@ -552,6 +1005,7 @@ async fn viewers_and_csrf(ctx: Ctx) {
     for path in [
         "/",
         "/agents",
+        "/budgets",
         "/agents/agt_ro",
         "/discrepancies",
         "/audit",
@@ -572,6 +1026,20 @@ async fn viewers_and_csrf(ctx: Ctx) {
         ("/agents/agt_ro/unfreeze".into(), vec![]),
         (
             "/agents/agt_ro/budgets".into(),
+            vec![("period", "daily"), ("currency", "USD"), ("amount", "1")],
+        ),
+        (
+            "/budgets".into(),
+            vec![
+                ("target", "project:x"),
+                ("period", "daily"),
+                ("currency", "USD"),
+                ("amount", "1"),
+            ],
+        ),
+        ("/budgets/bud_x/delete".into(), vec![]),
+        (
+            "/agents/agt_ro/budgets/dry-run".into(),
             vec![("period", "daily"), ("currency", "USD"), ("amount", "1")],
         ),
         (

@@ -87,10 +87,13 @@ where
 on_both!(
     policy_editor_validates_publishes_and_diffs,
     dry_run_reports_changed_decisions,
+    dry_run_includes_agent_budgets,
     viewers_and_forged_forms_are_refused,
     approvals_approve_and_deny_with_notes,
+    approvals_queue_is_safe,
     transactions_filter_and_show_the_chain,
     csv_export_quotes_and_guards,
+    exports_stream_every_row_and_settlements,
 );
 
 /// A policy without risk noise (thresholds off) and the given per-purchase limit.
@@ -276,6 +279,27 @@ async fn policy_editor_validates_publishes_and_diffs(mut ctx: Ctx) {
         404
     );
     assert_eq!(ctx.admin.get("/agents/agt_nope/policy").await.status, 404);
+    // Extreme revision numbers: a 404 or 400 page, never a panic.
+    for (query, status) in [
+        ("to=-9223372036854775808", 404),
+        ("from=-9223372036854775808", 404),
+        ("from=-9223372036854775808&to=-9223372036854775808", 404),
+        ("to=9223372036854775807", 404),
+        ("to=99999999999999999999", 400),
+    ] {
+        let d = ctx
+            .admin
+            .get(&format!("/agents/{a}/policy/diff?{query}"))
+            .await;
+        assert_eq!(d.status, status, "{query}: {}", d.body);
+    }
+    assert_eq!(
+        ctx.admin
+            .get(&format!("/agents/{a}/policy/diff"))
+            .await
+            .status,
+        200
+    );
 }
 
 async fn dry_run_reports_changed_decisions(mut ctx: Ctx) {
@@ -628,6 +652,7 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
             id: "dec_tx_card".into(),
             outcome: "approved".into(),
             reasons: vec!["within_policy".into()],
+            messages: vec![],
             decided_at: day + 3 * 86_400,
         },
         risk_score: Some(35),
@@ -725,6 +750,7 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
             })
             .collect()
     };
+    let project_query = format!("project={}", ctx.project);
     let all = ctx.admin.get("/transactions").await;
     assert_eq!(all.status, 200, "{}", all.body);
     assert_eq!(
@@ -749,22 +775,52 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
         ("currency=usd&min=25.01", vec!["pur_tx_b"]),
         ("currency=usd&max=7", vec!["pur_tx_c"]),
         ("merchant=%25", vec![]),
+        ("intent=pur_tx_b", vec!["pur_tx_b"]),
+        ("last4=4242", vec!["pur_tx_card"]),
+        ("last4=1111", vec![]),
+        (
+            project_query.as_str(),
+            vec!["pur_tx_card", "pur_tx_c", "pur_tx_b", "pur_tx_a"],
+        ),
+        ("project=prj_nope", vec![]),
     ] {
         let p = ctx.admin.get(&format!("/transactions?{query}")).await;
         assert_eq!(p.status, 200, "{query}: {}", p.body);
         assert_eq!(ids(&p.body), expected, "{query}");
     }
-    for bad in [
-        "from=2026-02-30",
-        "currency=usd&min=abc",
+    // Bad filters: the form again with the error at its field (400), for the list and
+    // the CSV alike.
+    for (bad, field, code) in [
+        ("from=2026-02-30", "from", "invalid_date"),
+        ("currency=usd&min=abc", "min", "invalid_amount"),
         // An amount bound means minor units of one currency: it needs the currency.
-        "min=10",
-        "status=bogus",
-        "cursor=%%%",
-        "currency=ZZZZ",
+        ("min=10", "currency", "currency_required"),
+        ("status=bogus", "status", "invalid_status"),
+        ("cursor=%%%", "cursor", "invalid_cursor"),
+        ("currency=ZZZZ", "currency", "invalid_currency"),
+        ("last4=42a2", "last4", "invalid_last4"),
     ] {
-        let p = ctx.admin.get(&format!("/transactions?{bad}")).await;
-        assert_eq!(p.status, 400, "{bad}");
+        for path in ["/transactions", "/transactions.csv"] {
+            if field == "cursor" && path.ends_with(".csv") {
+                continue; // the export has no pages
+            }
+            let p = ctx.admin.get(&format!("{path}?{bad}")).await;
+            assert_eq!(p.status, 400, "{path}?{bad}");
+            assert!(p.content_type.starts_with("text/html"), "{path}?{bad}");
+            assert!(p.body.contains("id=\"tx-filters\""), "{path}?{bad}");
+            assert!(
+                p.body.contains(&format!(
+                    "id=\"filter-error\" role=\"alert\" data-field=\"{field}\" data-code=\"{code}\""
+                )),
+                "{path}?{bad}: {}",
+                p.body
+            );
+            assert!(
+                p.body
+                    .contains(&format!("data-field=\"{field}\" data-code=\"{code}\"")),
+                "{path}?{bad}"
+            );
+        }
     }
 
     // Cursor pagination: 50 per page.
@@ -793,6 +849,30 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
     assert_eq!(second_ids.len(), 4);
     assert!(second_ids.iter().all(|i| !first_ids.contains(i)));
     assert!(!second.body.contains("id=\"next-page\""));
+    assert!(
+        !first.body.contains("id=\"newer-page\""),
+        "the first page has nothing newer"
+    );
+    // "Newer" goes back to exactly the first page, which has nothing newer again.
+    let href_of = |body: &str, id: &str| -> String {
+        let start = body.find(&format!("id=\"{id}\"")).expect(id);
+        let at = body[start..].find("href=\"").unwrap() + start + 6;
+        body[at..at + body[at..].find('"').unwrap()].replace("&amp;", "&")
+    };
+    let back = ctx.admin.get(&href_of(&second.body, "newer-page")).await;
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert_eq!(ids(&back.body), first_ids);
+    assert!(!back.body.contains("id=\"newer-page\""));
+    assert!(back.body.contains("id=\"next-page\""));
+    // Filters survive paging both ways (53 approved: 50, then 3).
+    let filtered = ctx.admin.get("/transactions?status=approved").await;
+    assert_eq!(ids(&filtered.body).len(), 50);
+    let older = ctx.admin.get(&href_of(&filtered.body, "next-page")).await;
+    let older_ids = ids(&older.body);
+    assert_eq!(older_ids, ["pur_pg_47", "pur_pg_48", "pur_pg_49"]);
+    let newer = href_of(&older.body, "newer-page");
+    assert!(newer.contains("status=approved"), "{newer}");
+    assert_eq!(ids(&ctx.admin.get(&newer).await.body), ids(&filtered.body));
 
     // The chain of one purchase.
     let d = ctx.admin.get("/transactions/pur_tx_card").await;
@@ -818,9 +898,15 @@ async fn transactions_filter_and_show_the_chain(mut ctx: Ctx) {
         "ipi_ref",
         "id=\"budget-captured\">USD 25.00</td>",
         "id=\"budget-refunded\">USD 5.00</td>",
+        // Open: it counts its reservation (USD 25.25), more than what moved (USD 20.00).
+        "Counts against budgets now",
+        "id=\"budget-counted\" data-value=\"2525\"",
+        "Held by the sidecar (last reported)",
+        "While the purchase is open",
     ] {
         assert!(d.body.contains(part), "{part}");
     }
+    assert!(!d.body.contains("Reserved now"));
     assert_eq!(ctx.admin.get("/transactions/pur_nope").await.status, 404);
     // Viewers may read.
     assert_eq!(
@@ -888,12 +974,39 @@ async fn csv_export_quotes_and_guards(mut ctx: Ctx) {
     let lines: Vec<&str> = body.split("\r\n").collect();
     assert_eq!(
         lines[0],
-        "created_at,intent_id,agent_id,agent_name,merchant,merchant_domain,status,amount,amount_minor,currency,captured,refunded,card_last4,reasons"
+        "created_at,intent_id,project_id,agent_id,agent_name,merchant,merchant_domain,status,amount,amount_minor,currency,captured,captured_minor,refunded,refunded_minor,decided_at,admin_decision,approver,approver_note,admin_decided_at,card_last4,stripe_card_id,reasons"
+    );
+    assert!(
+        !body.starts_with('\u{feff}'),
+        "no byte order mark unless asked"
     );
     assert_eq!(lines.len(), 5, "{body}"); // header, 3 rows, trailing empty
-    assert!(lines[1].contains(",pur_csv_jpy,agt_buyer,Buyer Bot,Tokyo Shop,shop.example,approved,1200,1200,JPY,0,0,,within_policy"), "{}", lines[1]);
-    assert!(lines[2].contains(",pur_csv_inject,agt_buyer,Buyer Bot,\"'=HYPERLINK(\"\"http://evil\"\")\",shop.example,declined,0.05,5,USD,0.00,0.00,,exceeds_transaction_limit"), "{}", lines[2]);
-    assert!(lines[3].contains(",pur_csv_quote,agt_buyer,Buyer Bot,\"Acme, \"\"Best\"\" Books\",shop.example,approved,12.40,1240,USD,0.00,0.00,,within_policy"), "{}", lines[3]);
+    let rfc = roony::domain::time::rfc3339;
+    let p = &ctx.project;
+    assert_eq!(
+        lines[1],
+        format!(
+            "{},pur_csv_jpy,{p},agt_buyer,Buyer Bot,Tokyo Shop,shop.example,approved,1200,1200,JPY,0,0,0,0,{},,,,,,,within_policy",
+            rfc(t + 2),
+            rfc(t + 2)
+        )
+    );
+    assert_eq!(
+        lines[2],
+        format!(
+            "{},pur_csv_inject,{p},agt_buyer,Buyer Bot,\"'=HYPERLINK(\"\"http://evil\"\")\",shop.example,declined,0.05,5,USD,0.00,0,0.00,0,{},,,,,,,exceeds_transaction_limit",
+            rfc(t + 1),
+            rfc(t + 1)
+        )
+    );
+    assert_eq!(
+        lines[3],
+        format!(
+            "{},pur_csv_quote,{p},agt_buyer,Buyer Bot,\"Acme, \"\"Best\"\" Books\",shop.example,approved,12.40,1240,USD,0.00,0,0.00,0,{},,,,,,,within_policy",
+            rfc(t),
+            rfc(t)
+        )
+    );
     // Same filters as the list.
     let p = ctx.admin.get("/transactions.csv?merchant=acme").await;
     assert_eq!(p.status, 200);
@@ -905,4 +1018,735 @@ async fn csv_export_quotes_and_guards(mut ctx: Ctx) {
     );
     // Viewers may export.
     assert_eq!(ctx.viewer.get("/transactions.csv").await.status, 200);
+
+    // An approved purchase with its approver, note, card and capture.
+    ctx.db
+        .insert_intent(&intent(
+            "pur_csv_ok",
+            &a,
+            "pending_approval",
+            6_000,
+            "Hosting",
+            t + 3,
+        ))
+        .await
+        .unwrap();
+    let p = ctx
+        .admin
+        .post("/approvals/pur_csv_ok/approve", &[("note", "renewal, ok")])
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let decided = ctx.db.get_intent("pur_csv_ok").await.unwrap();
+    let csv = ctx.admin.get("/transactions.csv?intent=pur_csv_ok").await;
+    let rows: Vec<&str> = csv.body.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 2, "{}", csv.body);
+    assert!(
+        rows[1].contains(&format!(
+            ",approved,60.00,6000,USD,0.00,0,0.00,0,{},approved,admin@example.com,\"renewal, ok\",{},,,approved_by_admin",
+            rfc(decided.updated_at),
+            rfc(decided.updated_at)
+        )),
+        "{}",
+        rows[1]
+    );
+}
+
+/// The response's raw bytes (a BOM is kept).
+async fn raw_get(ctx: &Ctx, path: &str) -> (u16, Vec<u8>) {
+    let cookie = ctx
+        .admin
+        .jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let resp = ctx
+        .admin
+        .client
+        .get(format!("{}{path}", ctx.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.unwrap().to_vec())
+}
+
+/// An intent with a card through a sidecar's sync event (one sidecar per test).
+async fn synced(ctx: &Ctx, snap: wire::IntentSnapshot) {
+    let key = roony::auth::from_plaintext(&format!(
+        "{}{}0123456789abcdef",
+        wire::SIDECAR_TOKEN_PREFIX,
+        ctx.project
+    ))
+    .unwrap();
+    let sidecar = match ctx.db.find_sidecar(&key.key_id).await.unwrap() {
+        Some(s) => s,
+        None => {
+            ctx.db
+                .create_sidecar(&ctx.project, "edge", &key, &Actor::system(), now())
+                .await
+                .unwrap();
+            ctx.db.find_sidecar(&key.key_id).await.unwrap().unwrap()
+        }
+    };
+    let ack = ctx
+        .db
+        .apply_events(
+            &sidecar,
+            &[wire::SyncEvent {
+                id: format!("{}.{}", snap.id, snap.version),
+                action: "intent.decided".into(),
+                at: snap.updated_at,
+                intent: snap,
+            }],
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 1, "{ack:?}");
+}
+
+fn snapshot(id: &str, agent: &str, status: &str, amount: i64, at: i64) -> wire::IntentSnapshot {
+    let outcome = if status == "pending_approval" {
+        "pending_approval"
+    } else {
+        "approved"
+    };
+    wire::IntentSnapshot {
+        id: id.into(),
+        agent_id: agent.into(),
+        version: 1,
+        status: status.into(),
+        amount,
+        currency: "USD".into(),
+        merchant_name: "Acme Cloud".into(),
+        merchant_domain: Some("cloud.example".into()),
+        merchant_country: Some("US".into()),
+        merchant_category: None,
+        description: Some("a server".into()),
+        reserved: amount + amount / 100,
+        expires_at: Some(at + 3600),
+        decision: wire::DecisionSnapshot {
+            id: format!("dec_{id}"),
+            outcome: outcome.into(),
+            reasons: vec![if outcome == "approved" {
+                "within_policy".into()
+            } else {
+                "approval_required".into()
+            }],
+            messages: vec![],
+            decided_at: at,
+        },
+        risk_score: None,
+        risk_signals: vec![],
+        status_reason: None,
+        card: (outcome == "approved").then(|| wire::CardSnapshot {
+            stripe_card_id: format!("ic_{id}"),
+            last4: "4242".into(),
+            exp_month: 12,
+            exp_year: 2030,
+            spending_limit: amount + amount / 100,
+        }),
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+async fn settle(ctx: &Ctx, n: &str, card: &str, kind: &str, amount: i64, currency: &str, at: i64) {
+    assert!(
+        ctx.db
+            .apply_transaction(
+                &StripeEventMeta {
+                    id: format!("evt_{n}"),
+                    kind: "issuing_transaction.created".into(),
+                    account: None,
+                    created: at,
+                },
+                &StripeTransaction {
+                    id: n.into(),
+                    card_id: card.into(),
+                    authorization_id: None,
+                    kind: kind.into(),
+                    amount,
+                    currency: currency.into(),
+                    merchant: MerchantData {
+                        name: "ACME CLOUD".into(),
+                        country: Some("US".into()),
+                        ..Default::default()
+                    },
+                    created: at,
+                },
+                now(),
+            )
+            .await
+            .unwrap()
+    );
+}
+
+async fn exports_stream_every_row_and_settlements(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let t = now() - 10_000;
+    // More rows than one batch of the export (1000): every one is in the CSV.
+    for k in 0..1_205 {
+        ctx.db
+            .insert_intent(&intent(
+                &format!("pur_many_{k:04}"),
+                &a,
+                "approved",
+                100,
+                "Bulk",
+                t - k,
+            ))
+            .await
+            .unwrap();
+    }
+    ctx.db
+        .insert_intent(&intent(
+            "pur_cafe",
+            &a,
+            "approved",
+            450,
+            "Café Zürich",
+            t + 1,
+        ))
+        .await
+        .unwrap();
+    let (status, bytes) = raw_get(&ctx, "/transactions.csv").await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8(bytes).unwrap();
+    let rows: Vec<&str> = body.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 1 + 1_206);
+    let ids: std::collections::HashSet<&str> = rows[1..]
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1_206, "no row twice");
+    assert!(ids.contains("pur_many_0000") && ids.contains("pur_many_1204"));
+    assert!(!body.starts_with('\u{feff}'));
+    // For Excel: a UTF-8 byte order mark first, the text unchanged.
+    let (status, bytes) = raw_get(&ctx, "/transactions.csv?bom=1&merchant=caf").await;
+    assert_eq!(status, 200);
+    assert_eq!(&bytes[..3], b"\xEF\xBB\xBF");
+    let body = String::from_utf8(bytes[3..].to_vec()).unwrap();
+    assert!(body.starts_with("created_at,"));
+    assert!(body.contains(",Café Zürich,"), "{body}");
+    let page = ctx.admin.get("/transactions?merchant=caf").await;
+    assert!(
+        page.body
+            .contains("href=\"/transactions.csv?merchant=caf&amp;bom=1\""),
+        "{}",
+        page.body
+    );
+
+    // Settlements by settlement date: one line per capture or refund.
+    let oct5 = 1_791_158_400 + 3_600; // 2026-10-05 01:00 UTC
+    let mut snap = snapshot("pur_set", &a, "approved", 2_500, oct5 - 600);
+    snap.card.as_mut().unwrap().stripe_card_id = "ic_set".into();
+    synced(&ctx, snap).await;
+    settle(&ctx, "ipi_s1", "ic_set", "capture", 2_500, "usd", oct5).await;
+    settle(
+        &ctx,
+        "ipi_s2",
+        "ic_set",
+        "refund",
+        500,
+        "usd",
+        oct5 + 86_400,
+    )
+    .await;
+    // Another currency, no purchase; and a capture in November.
+    settle(
+        &ctx,
+        "ipi_s3",
+        "ic_nobody",
+        "capture",
+        900,
+        "eur",
+        oct5 + 2 * 86_400,
+    )
+    .await;
+    settle(
+        &ctx,
+        "ipi_s4",
+        "ic_set",
+        "capture",
+        100,
+        "usd",
+        oct5 + 30 * 86_400,
+    )
+    .await;
+    let (status, bytes) = raw_get(
+        &ctx,
+        "/settlements.csv?settled_from=2026-10-01&settled_to=2026-10-31",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8(bytes).unwrap();
+    let rows: Vec<&str> = body.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        rows[0],
+        "settled_at,settlement_date,kind,stripe_transaction_id,amount,net_amount,net_amount_minor,currency,intent_id,agent_id,agent_name,project_id,merchant,stripe_card_id"
+    );
+    assert_eq!(rows.len(), 4, "{body}");
+    let p = &ctx.project;
+    assert_eq!(
+        rows[1],
+        format!(
+            "2026-10-05T01:00:00Z,2026-10-05,capture,ipi_s1,25.00,25.00,2500,USD,pur_set,agt_buyer,Buyer Bot,{p},ACME CLOUD,ic_set"
+        )
+    );
+    assert_eq!(
+        rows[2],
+        format!(
+            "2026-10-06T01:00:00Z,2026-10-06,refund,ipi_s2,5.00,-5.00,-500,USD,pur_set,agt_buyer,Buyer Bot,{p},ACME CLOUD,ic_set"
+        )
+    );
+    assert!(rows[3].starts_with("2026-10-07T01:00:00Z,2026-10-07,capture,ipi_s3,9.00,9.00,900,EUR,,,,,ACME CLOUD,ic_nobody"), "{}", rows[3]);
+    // The month's lines add up, per currency, to the overview's spend of the month.
+    let october = ctx
+        .db
+        .dash_a_spend_by_currency(1_790_812_800, 1_793_491_200)
+        .await
+        .unwrap();
+    for c in &october {
+        let sum: i64 = rows[1..]
+            .iter()
+            .filter(|r| r.split(',').nth(7) == Some(c.currency.as_str()))
+            .map(|r| r.split(',').nth(6).unwrap().parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(sum, c.amount, "{}", c.currency);
+    }
+    assert_eq!(october.len(), 2);
+    // One currency only, for Excel.
+    let (_, bytes) = raw_get(
+        &ctx,
+        "/settlements.csv?settled_from=2026-10-01&settled_to=2026-10-31&currency=eur&bom=1",
+    )
+    .await;
+    assert_eq!(&bytes[..3], b"\xEF\xBB\xBF");
+    let body = String::from_utf8(bytes[3..].to_vec()).unwrap();
+    assert_eq!(
+        body.split("\r\n").filter(|l| !l.is_empty()).count(),
+        2,
+        "{body}"
+    );
+    // Bad ranges: the transactions page with the error at the settlements form.
+    for (q, code) in [
+        ("settled_from=2026-13-01", "invalid_date"),
+        (
+            "settled_from=2026-10-31&settled_to=2026-10-01",
+            "invalid_date_range",
+        ),
+        ("currency=dollars", "invalid_currency"),
+    ] {
+        let p = ctx.admin.get(&format!("/settlements.csv?{q}")).await;
+        assert_eq!(p.status, 400, "{q}");
+        assert!(p.body.contains("id=\"settlement-export\""), "{q}");
+        assert!(
+            p.body
+                .contains("id=\"settlement-filter-error\" role=\"alert\""),
+            "{q}"
+        );
+        assert!(
+            p.body.contains(&format!("data-code=\"{code}\"")),
+            "{q}: {}",
+            p.body
+        );
+    }
+    assert_eq!(ctx.viewer.get("/settlements.csv").await.status, 200);
+
+    // A settled purchase's chain says what it counts now: what moved, net of refunds.
+    let mut done = snapshot("pur_done", &a, "settled", 3_000, oct5);
+    done.card.as_mut().unwrap().stripe_card_id = "ic_done".into();
+    done.reserved = 2_000;
+    synced(&ctx, done).await;
+    settle(
+        &ctx,
+        "ipi_d1",
+        "ic_done",
+        "capture",
+        3_000,
+        "usd",
+        oct5 + 60,
+    )
+    .await;
+    settle(
+        &ctx,
+        "ipi_d2",
+        "ic_done",
+        "refund",
+        1_000,
+        "usd",
+        oct5 + 120,
+    )
+    .await;
+    let i = ctx.db.get_intent("pur_done").await.unwrap();
+    assert_eq!(i.status, "settled");
+    let moved = (i.pending + i.captured - i.refunded).max(0);
+    assert_eq!(moved, 2_000);
+    let d = ctx.admin.get("/transactions/pur_done").await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert!(
+        d.body.contains("id=\"budget-counted\" data-value=\"2000\""),
+        "{}",
+        d.body
+    );
+    assert!(d.body.contains("Once the purchase has ended"));
+}
+
+async fn approvals_queue_is_safe(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let doc = json!({
+        "currency": "USD",
+        "max_per_transaction": 50_000,
+        "budgets": [{"period": "daily", "limit": 100_000}, {"period": "monthly", "limit": 1_000_000}],
+        "require_approval_above": 5_000,
+        "risk": {"require_approval_above": 100, "decline_above": 100}
+    });
+    put_policy(&ctx, &doc).await;
+    let frozen = ctx
+        .db
+        .create_agent(
+            &ctx.project,
+            Some("agt_cold"),
+            "Cold Bot",
+            &roony::auth::generate(),
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+    let t = now();
+    // A pending purchase with the sidecar's sentences and a deadline in an hour.
+    let mut msg = snapshot("pur_q_msg", &a, "pending_approval", 8_000, t - 1);
+    msg.decision.messages = vec![
+        "USD 80.00 is above the approval threshold of USD 50.00; an administrator must approve it"
+            .into(),
+    ];
+    synced(&ctx, msg).await;
+    // One whose deadline has passed (the sidecar has not reported it expired yet).
+    let mut old = snapshot("pur_q_old", &a, "pending_approval", 1_000, t - 1);
+    old.expires_at = Some(t - 60);
+    synced(&ctx, old).await;
+    // One of an agent frozen since.
+    ctx.db
+        .insert_intent(&intent(
+            "pur_q_cold",
+            &frozen.id,
+            "pending_approval",
+            7_000,
+            "Shop",
+            t - 30,
+        ))
+        .await
+        .unwrap();
+    ctx.db
+        .set_agent_frozen(
+            &frozen.id,
+            Some("discrepancy over_capture: dis_9 on purchase pur_x"),
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+
+    let page = ctx.admin.get("/approvals").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let b = &page.body;
+    assert!(
+        b.contains("id=\"pending-approvals\" data-count=\"3\""),
+        "{b}"
+    );
+    assert!(b.contains("Waiting (3)"));
+    let row = |id: &str| -> String {
+        let start = b
+            .find(&format!("id=\"approval-{id}\""))
+            .unwrap_or_else(|| panic!("{id}"));
+        b[start..start + b[start..].find("</tr>").unwrap()].to_string()
+    };
+    let m = row("pur_q_msg");
+    assert!(
+        m.contains("data-agent-status=\"active\" data-expired=\"false\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("USD 80.00 is above the approval threshold of USD 50.00"),
+        "{m}"
+    );
+    assert!(m.contains("data-code=\"approval_required\""));
+    assert!(
+        m.contains("expires in 59 min") || m.contains("expires in 58 min"),
+        "{m}"
+    );
+    assert!(m.contains("data-test=\"approve\""));
+    // What is left of each budget: both holds (USD 80.80 and USD 10.10) count today.
+    assert!(
+        m.contains("data-source=\"policy\" data-period=\"daily\" data-left=\"90910\""),
+        "{m}"
+    );
+    assert!(m.contains("USD 909.10</strong> of USD 1000.00 left"), "{m}");
+    let o = row("pur_q_old");
+    assert!(o.contains("data-expired=\"true\""), "{o}");
+    assert!(o.contains("class=\"expired\""), "{o}");
+    assert!(
+        !o.contains("data-test=\"approve\"") && !o.contains("data-test=\"deny\""),
+        "{o}"
+    );
+    let c = row("pur_q_cold");
+    assert!(c.contains("data-agent-status=\"frozen\""), "{c}");
+    assert!(c.contains("discrepancy over_capture"), "{c}");
+    assert!(!c.contains("data-test=\"approve\""), "{c}");
+    assert!(c.contains("data-test=\"deny\""), "{c}");
+    assert!(c.contains("no valid policy"), "{c}");
+
+    // Approving for the frozen agent, or deciding the expired request: refused with the
+    // queue again (409) saying why; nothing changes.
+    let decisions = ctx.db.dash_recent_admin_decisions(50).await.unwrap().len();
+    let revision = ctx.db.config_revision().await.unwrap();
+    for (path, code) in [
+        ("/approvals/pur_q_cold/approve", "agent_frozen"),
+        ("/approvals/pur_q_old/approve", "intent_expired"),
+        ("/approvals/pur_q_old/deny", "intent_expired"),
+    ] {
+        let p = ctx.admin.post(path, &[("note", "go")]).await;
+        assert_eq!(p.status, 409, "{path}: {}", p.body);
+        assert!(
+            p.body.contains(&format!(
+                "id=\"decision-refused\" role=\"alert\" data-code=\"{code}\""
+            )),
+            "{path}: {}",
+            p.body
+        );
+        assert!(p.body.contains("nothing changed"));
+        assert!(
+            p.body.contains("id=\"approvals-table\""),
+            "the queue is shown again"
+        );
+    }
+    for id in ["pur_q_cold", "pur_q_old"] {
+        assert_eq!(
+            ctx.db.get_intent(id).await.unwrap().status,
+            "pending_approval"
+        );
+    }
+    assert_eq!(
+        ctx.db.dash_recent_admin_decisions(50).await.unwrap().len(),
+        decisions
+    );
+    assert_eq!(ctx.db.config_revision().await.unwrap(), revision);
+    // Denying the frozen agent's purchase is allowed; approving an active one too.
+    assert_eq!(
+        ctx.admin
+            .post("/approvals/pur_q_cold/deny", &[])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        ctx.admin
+            .post("/approvals/pur_q_msg/approve", &[("note", "ok")])
+            .await
+            .status,
+        303
+    );
+    // The chain page shows the sidecar's sentences of a decision.
+    let mut shown = snapshot("pur_q_said", &a, "pending_approval", 6_000, t - 10);
+    shown.decision.messages = vec!["an administrator must approve it".into()];
+    synced(&ctx, shown).await;
+    let d = ctx.admin.get("/transactions/pur_q_said").await;
+    assert!(
+        d.body.contains("id=\"intent-reason-messages\""),
+        "{}",
+        d.body
+    );
+    assert!(d.body.contains("an administrator must approve it"));
+
+    // The heading counts every waiting purchase; the queue pages 50 at a time, oldest first.
+    for k in 0..55 {
+        ctx.db
+            .insert_intent(&intent(
+                &format!("pur_q_{k:02}"),
+                &a,
+                "pending_approval",
+                6_000,
+                "Shop",
+                t - 100_000 + k,
+            ))
+            .await
+            .unwrap();
+    }
+    let ids = |body: &str| -> Vec<String> {
+        body.match_indices("data-test=\"approval-row\" data-intent-id=\"")
+            .map(|(i, m)| {
+                let rest = &body[i + m.len()..];
+                rest[..rest.find('"').unwrap()].to_string()
+            })
+            .collect()
+    };
+    let first = ctx.admin.get("/approvals").await;
+    assert!(first.body.contains("Waiting (57)"), "{}", first.body);
+    let first_ids = ids(&first.body);
+    assert_eq!(first_ids.len(), 50);
+    assert_eq!(first_ids[0], "pur_q_00");
+    let start = first
+        .body
+        .find("id=\"approvals-next\"")
+        .expect("next page link");
+    let at = first.body[start..].find("href=\"").unwrap() + start + 6;
+    let href = first.body[at..at + first.body[at..].find('"').unwrap()].replace("&amp;", "&");
+    let second = ctx.admin.get(&href).await;
+    assert_eq!(second.status, 200);
+    assert!(second.body.contains("Waiting (57)"));
+    let second_ids = ids(&second.body);
+    assert_eq!(second_ids.len(), 7);
+    assert!(second_ids.iter().all(|i| !first_ids.contains(i)));
+    assert!(
+        second_ids.contains(&"pur_q_old".to_string())
+            && second_ids.contains(&"pur_q_said".to_string())
+    );
+    assert!(!second.body.contains("id=\"approvals-next\""));
+    assert_eq!(ctx.admin.get("/approvals?cursor=%%%").await.status, 400);
+}
+
+async fn dry_run_includes_agent_budgets(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    put_policy(&ctx, &policy(10_000)).await;
+    // USD 30.00 a day for this agent, set outside the policy (as its sidecar enforces).
+    ctx.db
+        .set_budget(
+            roony::control::model::BudgetScope::Agent,
+            &a,
+            "daily",
+            "USD",
+            3_000,
+            &Actor::system(),
+            now(),
+        )
+        .await
+        .unwrap();
+    let day = (now() / 86_400 - 5) * 86_400;
+    for i in [
+        intent("pur_bud_a", &a, "approved", 2_000, "Shop", day + 36_000),
+        intent("pur_bud_b", &a, "approved", 2_000, "Shop", day + 39_600),
+    ] {
+        ctx.db.insert_intent(&i).await.unwrap();
+    }
+    // The same policy as the draft: the agent budget declines the second purchase on both
+    // sides (without it both would be approved).
+    let same = policy(10_000).to_string();
+    let p = ctx
+        .admin
+        .post(&format!("/agents/{a}/policy/dry-run"), &[("policy", &same)])
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(
+        p.body.contains("data-replayed=\"2\" data-changed=\"0\""),
+        "{}",
+        p.body
+    );
+    assert!(p.body.contains("<span id=\"current-approved\">1</span>"));
+    assert!(p.body.contains("<span id=\"current-declined\">1</span>"));
+    assert!(p.body.contains("<span id=\"draft-declined\">1</span>"));
+    assert!(
+        p.body
+            .contains("id=\"dry-run-agent-budgets\" data-count=\"1\""),
+        "{}",
+        p.body
+    );
+    // A tighter draft changes the first one only (the second was declined already).
+    let tight = policy(1_500).to_string();
+    let p = ctx
+        .admin
+        .post(
+            &format!("/agents/{a}/policy/dry-run"),
+            &[("policy", &tight)],
+        )
+        .await;
+    assert!(
+        p.body.contains("data-replayed=\"2\" data-changed=\"1\""),
+        "{}",
+        p.body
+    );
+    assert!(
+        p.body
+            .contains("data-intent-id=\"pur_bud_a\" data-old=\"approved\" data-new=\"declined\"")
+    );
+
+    // Tightening the agent budget itself, dry-run on the agent's page: nothing is saved.
+    let path = format!("/agents/{a}/budgets/dry-run");
+    let p = ctx
+        .admin
+        .post(
+            &path,
+            &[("period", "daily"), ("currency", "USD"), ("amount", "15")],
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(
+        p.body.contains("data-replayed=\"2\" data-changed=\"1\""),
+        "{}",
+        p.body
+    );
+    assert!(
+        p.body
+            .contains("data-intent-id=\"pur_bud_a\" data-old=\"approved\" data-new=\"declined\"")
+    );
+    assert!(p.body.contains("exceeds_budget"));
+    assert!(p.body.contains("value=\"15\""), "the form keeps the amount");
+    let budgets = ctx
+        .db
+        .list_budgets(Some(roony::control::model::BudgetScope::Agent), Some(&a))
+        .await
+        .unwrap();
+    assert_eq!((budgets.len(), budgets[0].limit), (1, 3_000));
+    // Loosening it: no change. Looser than the policy's monthly budget: refused.
+    let p = ctx
+        .admin
+        .post(
+            &path,
+            &[("period", "daily"), ("currency", "USD"), ("amount", "100")],
+        )
+        .await;
+    assert!(
+        p.body.contains("data-changed=\"1\""),
+        "pur_bud_b would pass: {}",
+        p.body
+    );
+    assert!(
+        p.body
+            .contains("data-intent-id=\"pur_bud_b\" data-old=\"declined\" data-new=\"approved\"")
+    );
+    let p = ctx
+        .admin
+        .post(
+            &path,
+            &[
+                ("period", "monthly"),
+                ("currency", "USD"),
+                ("amount", "20000"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
+    let p = ctx
+        .admin
+        .post(
+            &path,
+            &[("period", "daily"), ("currency", "EUR"), ("amount", "1")],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-code=\"budget_currency_mismatch\""));
+    assert_eq!(
+        ctx.viewer
+            .post(
+                &path,
+                &[("period", "daily"), ("currency", "USD"), ("amount", "1")]
+            )
+            .await
+            .status,
+        403
+    );
 }

@@ -200,6 +200,7 @@ fn snapshot(id: &str, agent: &str, version: i64, status: &str) -> wire::IntentSn
             } else {
                 "within_policy".into()
             }],
+            messages: vec![],
             decided_at: 1_000,
         },
         risk_score: Some(35),

@@ -213,6 +213,7 @@ impl Ctx {
                 id: format!("dec_{n}"),
                 outcome: "approved".into(),
                 reasons: vec!["within_policy".into()],
+                messages: vec![],
                 decided_at: now(),
             },
             risk_score: None,

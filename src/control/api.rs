@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 
 use super::db::{
     ADMIN_TOKEN_USE_RESOLUTION, Actor, AdminTokenRevoke, AgentFilter, AuditFilter, ControlDb,
-    DbError, DiscrepancyFilter, LedgerFilter,
+    DbError, DecideError, DiscrepancyFilter, LedgerFilter,
 };
 use super::model::{
     AdminToken, Agent, AgentKey, AuditEvent, Authorization, Budget, BudgetLease, BudgetScope,
@@ -1023,6 +1023,30 @@ async fn set_budget(
     ))
 }
 
+/// Delete a budget. An agent budget stops tightening the agent's policy; a project or
+/// organization budget stops being shared (allowances held of it are dropped). Sidecars
+/// learn of it with the next bundle.
+#[utoipa::path(
+    delete,
+    path = "/api/admin/v1/budgets/{id}",
+    tag = "budgets",
+    params(("id" = String, Path, description = "Budget id (`bud_…`)")),
+    responses(
+        (status = 200, description = "The deleted budget", body = Budget),
+        (status = 401, body = AdminErrorBody),
+        (status = 404, body = AdminErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+async fn delete_budget(
+    State(state): State<AdminState>,
+    Admin(actor): Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Budget>, AdminError> {
+    let id = path(id, "budget")?;
+    Ok(Json(state.db.delete_budget(&id, &actor, now()).await?))
+}
+
 /// List budgets.
 #[utoipa::path(
     get,
@@ -1194,16 +1218,42 @@ async fn decide(
         .db
         .decide_pending(&id, approve, req.note.as_deref(), &actor, now())
         .await
-        .map_err(|e| match e {
-            DbError::Conflict(m) => AdminError::new(StatusCode::CONFLICT, "intent_not_pending", m),
-            other => other.into(),
-        })?;
+        .map_err(decide_error)?;
     Ok(Json(ApprovalResult { intent, decision }))
+}
+
+/// The admin API's answer to a refused or failed decision.
+fn decide_error(e: DecideError) -> AdminError {
+    match e {
+        DecideError::NotPending(status) => AdminError::new(
+            StatusCode::CONFLICT,
+            "intent_not_pending",
+            format!("the intent is {status}, not pending_approval"),
+        ),
+        DecideError::Expired { expires_at } => AdminError::new(
+            StatusCode::CONFLICT,
+            "intent_expired",
+            format!(
+                "the request expired at {} (its sidecar expires it and releases the reservation); nothing was decided",
+                crate::domain::time::rfc3339(expires_at)
+            ),
+        ),
+        DecideError::AgentFrozen { agent_id, reason } => AdminError::new(
+            StatusCode::CONFLICT,
+            "agent_frozen",
+            format!(
+                "agent {agent_id} is frozen{}: unfreeze it before approving its purchases (denying is possible)",
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+        ),
+        DecideError::Db(e) => e.into(),
+    }
 }
 
 /// Approve a `pending_approval` intent. Recorded in the ledger; while the intent's sidecar
 /// still reports it pending, the project's bundle carries the decision (`approvals`), and
-/// waiting long-polls answer at once.
+/// waiting long-polls answer at once. Refused while the agent is frozen or once the
+/// request's `expires_at` has passed.
 #[utoipa::path(
     post,
     path = "/api/admin/v1/intents/{id}/approve",
@@ -1215,7 +1265,7 @@ async fn decide(
         (status = 400, body = AdminErrorBody),
         (status = 401, body = AdminErrorBody),
         (status = 404, body = AdminErrorBody),
-        (status = 409, description = "The intent is not pending approval", body = AdminErrorBody),
+        (status = 409, description = "`intent_not_pending`: the intent is not pending approval; `intent_expired`: its `expires_at` has passed; `agent_frozen`: its agent is frozen. Nothing is written.", body = AdminErrorBody),
         (status = 415, body = AdminErrorBody),
         (status = 422, body = AdminErrorBody),
     ),
@@ -1230,7 +1280,7 @@ async fn approve_intent(
     decide(state, actor, id, req, true).await
 }
 
-/// Deny a `pending_approval` intent.
+/// Deny a `pending_approval` intent (refused once its `expires_at` has passed).
 #[utoipa::path(
     post,
     path = "/api/admin/v1/intents/{id}/deny",
@@ -1242,7 +1292,7 @@ async fn approve_intent(
         (status = 400, body = AdminErrorBody),
         (status = 401, body = AdminErrorBody),
         (status = 404, body = AdminErrorBody),
-        (status = 409, description = "The intent is not pending approval", body = AdminErrorBody),
+        (status = 409, description = "`intent_not_pending`: the intent is not pending approval; `intent_expired`: its `expires_at` has passed. Nothing is written.", body = AdminErrorBody),
         (status = 415, body = AdminErrorBody),
         (status = 422, body = AdminErrorBody),
     ),
@@ -1997,6 +2047,7 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(put_policy, get_policy))
         .routes(routes!(list_policy_revisions))
         .routes(routes!(set_budget, list_budgets))
+        .routes(routes!(delete_budget))
         .routes(routes!(list_budget_leases))
         .routes(routes!(list_intents))
         .routes(routes!(get_intent))

@@ -74,6 +74,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "form nonces",
         include_str!("../../migrations/0012_form_nonces.sql"),
     ),
+    (
+        13,
+        "dashboard money",
+        include_str!("../../migrations/0013_dashboard_money.sql"),
+    ),
 ];
 
 pub mod admin_users;
@@ -83,9 +88,13 @@ mod dashboard_b;
 mod reconcile;
 mod stripe;
 pub use connect::{ConnectionRow, StoredTokens};
-pub use dashboard_a::{AgentFacts, AuditPageFilter, CurrencyAmount, SpendRow};
+pub use dashboard_a::{
+    AgentFacts, AgentPolicy, AuditPageFilter, COUNTED, CurrencyAmount, DailySpend, FrozenAgent,
+    PeriodUsage, SpendRow, counted,
+};
 pub use dashboard_b::{
-    AdminDecisionRow, CardRecord, PolicySummary, SettlementRecord, TxFilter, TxRow,
+    AdminDecisionRow, CardRecord, PendingRow, PolicySummary, SettlementExportRow, SettlementFilter,
+    SettlementRecord, TxFilter, TxRow,
 };
 pub use reconcile::ReconcileCardView;
 pub use stripe::{AuthInputs, DiscrepancyFilter};
@@ -95,6 +104,31 @@ pub use stripe::{AuthInputs, DiscrepancyFilter};
 pub enum Backend {
     Sqlite,
     Postgres,
+}
+
+/// Why [`ControlDb::decide_pending`] refused (nothing was written) or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// The intent is in another state (the state it is in).
+    #[error("the intent is {0}, not pending_approval")]
+    NotPending(String),
+    /// The request's deadline has passed.
+    #[error("the request expired at {expires_at} (unix seconds)")]
+    Expired { expires_at: i64 },
+    /// Approving for an agent that is frozen.
+    #[error("agent {agent_id} is frozen")]
+    AgentFrozen {
+        agent_id: String,
+        reason: Option<String>,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for DecideError {
+    fn from(e: sqlx::Error) -> Self {
+        DecideError::Db(e.into())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +290,22 @@ impl Where {
             let n = self.next();
             self.clauses.push(format!("{column} {op} ${n}"));
             self.args.push(Arg::Int(v));
+        }
+    }
+
+    /// Rows strictly before (`op` `<`) or after (`>`) the cursor in `(created, id)` order,
+    /// with the columns named (e.g. `s.created_at`, `s.id` in a join).
+    fn cursor_cmp(&mut self, cursor: &Option<Cursor>, op: &str, created: &str, id: &str) {
+        if let Some(c) = cursor {
+            let a = self.next();
+            let b = a + 1;
+            let c2 = a + 2;
+            self.clauses.push(format!(
+                "({created} {op} ${a} OR ({created} = ${b} AND {id} {op} ${c2}))"
+            ));
+            self.args.push(Arg::Int(c.created_at));
+            self.args.push(Arg::Int(c.created_at));
+            self.args.push(Arg::Text(c.id.clone()));
         }
     }
 
@@ -1451,6 +1501,60 @@ impl ControlDb {
         Ok(budget)
     }
 
+    /// Deletes a budget (and the allowances sidecars hold of it, for a shared one); the
+    /// next bundle no longer carries it. Returns what was deleted.
+    pub async fn delete_budget(
+        &self,
+        id: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<Budget, DbError> {
+        let mut tx = self.tx().await?;
+        let row = sqlx::query(
+            "SELECT id, scope, scope_id, period, currency, limit_amount, created_at, updated_at \
+             FROM budgets WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(DbError::NotFound("budget"))?;
+        let budget = budget_from_row(&row)?;
+        sqlx::query("DELETE FROM budget_leases WHERE budget_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM budgets WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Self::audit(
+            &mut tx,
+            actor,
+            "budget.delete",
+            budget.scope.as_str(),
+            &budget.scope_id,
+            serde_json::json!({"budget_id": budget.id, "period": budget.period,
+                "currency": budget.currency, "limit": budget.limit}),
+            now,
+        )
+        .await?;
+        self.commit_config(tx).await?;
+        Ok(budget)
+    }
+
+    /// One budget.
+    pub async fn get_budget(&self, id: &str) -> Result<Budget, DbError> {
+        let row = sqlx::query(
+            "SELECT id, scope, scope_id, period, currency, limit_amount, created_at, updated_at \
+             FROM budgets WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound("budget"))?;
+        budget_from_row(&row)
+    }
+
     pub async fn list_budgets(
         &self,
         scope: Option<BudgetScope>,
@@ -1603,8 +1707,14 @@ impl ControlDb {
     /// `approved`/`declined`, a decision by the administrator is recorded, and the intent's
     /// `admin_*` columns are set, so that while its sidecar still reports it
     /// `pending_approval` the project's bundle carries the decision (`approvals`). Commits
-    /// with a configuration-revision bump (waiting long-polls answer at once). Any other
-    /// state is a conflict.
+    /// with a configuration-revision bump (waiting long-polls answer at once).
+    ///
+    /// Refused, with nothing written: any other state ([`DecideError::NotPending`]), a
+    /// request whose `expires_at` has passed ([`DecideError::Expired`]: its sidecar
+    /// expires it and would ignore the decision), and approving for an agent that is not
+    /// active ([`DecideError::AgentFrozen`]; denying stays possible). The intent row is
+    /// written first, then the agent row is locked and read, the order every writer that
+    /// touches both follows, so a concurrent freeze either is seen or comes after.
     pub async fn decide_pending(
         &self,
         intent_id: &str,
@@ -1612,7 +1722,7 @@ impl ControlDb {
         note: Option<&str>,
         actor: &Actor,
         now: i64,
-    ) -> Result<(Intent, Decision), DbError> {
+    ) -> Result<(Intent, Decision), DecideError> {
         let mut tx = self.tx().await?;
         let status = if approve { "approved" } else { "declined" };
         let reason = if approve {
@@ -1620,9 +1730,24 @@ impl ControlDb {
         } else {
             "denied_by_admin"
         };
+        let current = sqlx::query("SELECT status, expires_at FROM intents WHERE id = $1")
+            .bind(intent_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(DbError::NotFound("intent"))?;
+        let current_status: String = current.try_get("status")?;
+        if current_status != "pending_approval" {
+            return Err(DecideError::NotPending(current_status));
+        }
+        if let Some(at) = current.try_get::<Option<i64>, _>("expires_at")?
+            && at <= now
+        {
+            return Err(DecideError::Expired { expires_at: at });
+        }
         let n = sqlx::query(
             "UPDATE intents SET status = $1, updated_at = $2, admin_decision = $1, admin_note = $4, \
-             admin_actor = $5, admin_decided_at = $2 WHERE id = $3 AND status = 'pending_approval'",
+             admin_actor = $5, admin_decided_at = $2, reason_messages = NULL \
+             WHERE id = $3 AND status = 'pending_approval' AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(status)
         .bind(now)
@@ -1633,29 +1758,41 @@ impl ControlDb {
         .await?
         .rows_affected();
         if n == 0 {
-            let current = sqlx::query("SELECT status FROM intents WHERE id = $1")
+            // Decided concurrently, or its deadline passed since the read above.
+            let current = sqlx::query("SELECT status, expires_at FROM intents WHERE id = $1")
                 .bind(intent_id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or(DbError::NotFound("intent"))?;
-            let current: String = current.try_get("status")?;
-            return Err(DbError::Conflict(format!(
-                "the intent is {current}, not pending_approval"
-            )));
+            let status: String = current.try_get("status")?;
+            return Err(match current.try_get::<Option<i64>, _>("expires_at")? {
+                Some(at) if status == "pending_approval" => DecideError::Expired { expires_at: at },
+                _ => DecideError::NotPending(status),
+            });
         }
         let agent_id: String = sqlx::query("SELECT agent_id FROM intents WHERE id = $1")
             .bind(intent_id.to_string())
             .fetch_one(&mut *tx)
             .await?
             .try_get("agent_id")?;
+        // Locks the agent row (held to commit on PostgreSQL): a freeze commits before this
+        // read or waits for this decision.
         let agent_row = sqlx::query(
-            "SELECT id, org_id, project_id, name, status, frozen_reason, created_at, updated_at FROM agents WHERE id = $1",
+            "UPDATE agents SET updated_at = updated_at WHERE id = $1 \
+             RETURNING id, org_id, project_id, name, status, frozen_reason, created_at, updated_at",
         )
         .bind(agent_id)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(DbError::NotFound("agent"))?;
         let agent = agent_from_row(&agent_row)?;
+        if approve && agent.status != "active" {
+            // Dropping the transaction rolls the intent's update back.
+            return Err(DecideError::AgentFrozen {
+                agent_id: agent.id,
+                reason: agent.frozen_reason,
+            });
+        }
         let decision_id = Self::insert_decision(
             &mut tx,
             &agent,
@@ -2343,9 +2480,9 @@ impl ControlDb {
             "INSERT INTO intents (id, org_id, project_id, agent_id, status, amount, currency, merchant_name, \
              merchant_domain, merchant_country, description, decision_id, reasons, created_at, updated_at, \
              version, sidecar_id, sidecar_status, reserved, status_reason, merchant_category, expires_at, \
-             risk_score, risk_signals) \
+             risk_score, risk_signals, reason_messages) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $5, $18, $19, $20, $21, \
-             $22, $23) \
+             $22, $23, $24) \
              ON CONFLICT (id) DO UPDATE SET \
              status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
                  THEN intents.status WHEN intents.status = 'settled' THEN intents.status ELSE excluded.status END, \
@@ -2356,6 +2493,8 @@ impl ControlDb {
              decision_id = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.decision_id \
                  ELSE excluded.decision_id END, \
              reasons = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.reasons ELSE excluded.reasons END, \
+             reason_messages = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.reason_messages \
+                 ELSE excluded.reason_messages END, \
              updated_at = excluded.updated_at, version = excluded.version, sidecar_id = excluded.sidecar_id, \
              sidecar_status = excluded.sidecar_status, reserved = excluded.reserved, \
              status_reason = excluded.status_reason, risk_score = excluded.risk_score, \
@@ -2388,6 +2527,14 @@ impl ControlDb {
         .bind(
             serde_json::to_string(&i.risk_signals).map_err(|e| DbError::Corrupt(e.to_string()))?,
         )
+        .bind(if i.decision.messages.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&i.decision.messages)
+                    .map_err(|e| DbError::Corrupt(e.to_string()))?,
+            )
+        })
         .fetch_optional(&mut *conn)
         .await?;
         let mut admin_decided = false;
@@ -2711,6 +2858,9 @@ fn check_event(e: &SyncEvent) -> Result<(), String> {
     }
     if i.currency.len() != 3 || !i.currency.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err("the currency must be an upper-case ISO 4217 code".into());
+    }
+    if i.decision.messages.len() > 64 || i.decision.messages.iter().any(|m| m.len() > 4000) {
+        return Err("at most 64 reason messages of at most 4000 bytes each".into());
     }
     if let Some(card) = &i.card
         && !text_ok(&card.stripe_card_id, 128)

@@ -1572,6 +1572,12 @@ fn sync_event(rec: &IntentRecord, action: &str, now: UnixSeconds) -> wire::SyncE
                     .iter()
                     .map(|r| r.code.as_str().to_string())
                     .collect(),
+                messages: rec
+                    .decision
+                    .reasons
+                    .iter()
+                    .map(|r| r.message.clone())
+                    .collect(),
                 decided_at: rec.decision.decided_at,
             },
             risk_score: rec.decision.risk.as_ref().map(|r| r.score),

@@ -71,25 +71,73 @@ fn period_of(b: &BundleBudget) -> Option<Period> {
     serde_json::from_value(serde_json::Value::String(b.period.clone())).ok()
 }
 
-/// The policy with the agent's admin-set budgets folded in: a budget in the policy's
-/// currency tightens (or adds) the budget of its period. Budgets in other currencies cannot
-/// apply (the policy spends its currency only) and are ignored with a warning.
-fn with_budgets(mut policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
+/// What folding one admin-set agent budget into the agent's policy did with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetFold {
+    /// Lowered the policy's budget of its period from `policy_limit`.
+    Tightened {
+        policy_limit: i64,
+    },
+    /// The policy has no budget of its period: it was added.
+    Added,
+    /// The policy's budget of its period is at most this limit and still binds.
+    NoEffect {
+        policy_limit: i64,
+    },
+    /// Another currency than the policy's: the policy spends its currency only.
+    OtherCurrency,
+    UnknownPeriod,
+}
+
+/// The policy with the agent's admin-set budgets folded in, and what happened to each
+/// budget (in the order given): a budget in the policy's currency tightens (or adds) the
+/// budget of its period; one in another currency cannot apply. Pure: the sidecar applies
+/// exactly this to every bundle, and the dashboard shows and dry-runs the same result.
+pub fn fold_budgets(mut policy: Policy, budgets: &[BundleBudget]) -> (Policy, Vec<BudgetFold>) {
+    let mut folds = Vec::with_capacity(budgets.len());
     for b in budgets {
         let Some(period) = period_of(b) else {
-            tracing::warn!(agent = %agent_id, budget = %b.id, period = %b.period, "unknown budget period; ignored");
+            folds.push(BudgetFold::UnknownPeriod);
             continue;
         };
         if Currency::parse(&b.currency).ok() != Some(policy.currency) {
-            tracing::warn!(agent = %agent_id, budget = %b.id, "budget currency differs from the policy's; ignored");
+            folds.push(BudgetFold::OtherCurrency);
             continue;
         }
         match policy.budgets.iter_mut().find(|r| r.period == period) {
-            Some(rule) => rule.limit = rule.limit.min(b.limit),
-            None => policy.budgets.push(BudgetRule {
-                period,
-                limit: b.limit,
+            Some(rule) if b.limit < rule.limit => {
+                folds.push(BudgetFold::Tightened {
+                    policy_limit: rule.limit,
+                });
+                rule.limit = b.limit;
+            }
+            Some(rule) => folds.push(BudgetFold::NoEffect {
+                policy_limit: rule.limit,
             }),
+            None => {
+                folds.push(BudgetFold::Added);
+                policy.budgets.push(BudgetRule {
+                    period,
+                    limit: b.limit,
+                });
+            }
+        }
+    }
+    (policy, folds)
+}
+
+/// [`fold_budgets`], logging the budgets that cannot apply.
+fn with_budgets(policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
+    let (policy, folds) = fold_budgets(policy, budgets);
+    for (b, fold) in budgets.iter().zip(folds) {
+        match fold {
+            BudgetFold::UnknownPeriod => {
+                tracing::warn!(agent = %agent_id, budget = %b.id, period = %b.period, "unknown budget period; ignored");
+            }
+            BudgetFold::OtherCurrency => {
+                tracing::warn!(agent = %agent_id, budget = %b.id, "budget currency differs from the policy's; ignored");
+            }
+            _ => {}
         }
     }
     policy
@@ -436,5 +484,57 @@ pub async fn follow_updates(store: Store, config: SyncConfig, upstream: Arc<Upst
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(period: &str, currency: &str, limit: i64) -> BundleBudget {
+        BundleBudget {
+            id: format!("bud_{period}_{currency}"),
+            scope: "agent".into(),
+            scope_id: "agt".into(),
+            period: period.into(),
+            currency: currency.into(),
+            limit,
+        }
+    }
+
+    #[test]
+    fn agent_budgets_only_tighten_in_the_policy_currency() {
+        let mut p = Policy::new(Currency::USD);
+        p.budgets = vec![BudgetRule {
+            period: Period::Daily,
+            limit: 25_000,
+        }];
+        let (folded, folds) = fold_budgets(
+            p,
+            &[
+                budget("daily", "USD", 50_000),
+                budget("weekly", "EUR", 10),
+                budget("monthly", "usd", 90_000),
+                budget("hourly", "USD", 1),
+                budget("daily", "USD", 10_000),
+            ],
+        );
+        assert_eq!(
+            folds,
+            [
+                BudgetFold::NoEffect {
+                    policy_limit: 25_000
+                },
+                BudgetFold::OtherCurrency,
+                BudgetFold::Added,
+                BudgetFold::UnknownPeriod,
+                BudgetFold::Tightened {
+                    policy_limit: 25_000
+                },
+            ]
+        );
+        let rules: Vec<(Period, i64)> =
+            folded.budgets.iter().map(|r| (r.period, r.limit)).collect();
+        assert_eq!(rules, [(Period::Daily, 10_000), (Period::Monthly, 90_000)]);
     }
 }

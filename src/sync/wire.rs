@@ -191,6 +191,10 @@ pub struct DecisionSnapshot {
     pub outcome: String,
     /// Reason codes.
     pub reasons: Vec<String>,
+    /// The reasons' sentences as the agent was told them, in the order of `reasons`
+    /// (absent from older sidecars).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
     pub decided_at: i64,
 }
 

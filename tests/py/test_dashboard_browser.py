@@ -322,6 +322,36 @@ def test_admin_journey(roony_bin, dev, browser, shots):
     assert d.find_element(By.ID, "current-revision").get_attribute("data-revision") == "2"
     shots(d, "policy")
 
+    # The demo agent's budgets as its sidecar enforces them: the policy's USD 250.00 a day,
+    # with what today's purchases use of it. A looser agent budget is refused inline; a
+    # tighter one can be dry-run first (nothing is saved).
+    d.get(f"{base}/agents/agt_demo")
+    row = d.find_element(By.CSS_SELECTOR, "#agent-budgets tr[data-source=policy][data-period=daily]")
+    assert row.get_attribute("data-limit") == "25000"
+    assert int(row.get_attribute("data-used")) > 0
+    form = d.find_element(By.ID, "budget-form")
+    assert form.find_element(By.NAME, "currency").get_attribute("value") == "USD"
+    Select(form.find_element(By.NAME, "period")).select_by_value("daily")
+    form.find_element(By.NAME, "amount").send_keys("500")
+    form.find_element(By.ID, "budget-submit").click()
+    error = eventually(
+        lambda: d.find_element(By.CSS_SELECTOR, "[data-code=budget_looser_than_policy]"), "the looser budget refused"
+    )
+    assert "USD 250.00" in error.text
+    form = d.find_element(By.ID, "budget-form")
+    Select(form.find_element(By.NAME, "period")).select_by_value("daily")
+    amount = form.find_element(By.NAME, "amount")
+    amount.clear()
+    amount.send_keys("20")
+    form.find_element(By.ID, "budget-dry-run").click()
+    results = eventually(lambda: d.find_element(By.ID, "dry-run-results"), "the budget dry run")
+    assert int(results.get_attribute("data-replayed")) >= 3
+    assert int(results.get_attribute("data-changed")) >= 1
+    shots(d, "agent-budgets")
+    d.get(f"{base}/budgets")
+    assert d.find_elements(By.CSS_SELECTOR, "#agent-limits tr[data-scope-id=agt_demo]")
+    shots(d, "budgets")
+
     # The sidecar enforces the published policy: USD 95 is now above the maximum.
     def declined_over_max():
         r = requests.post(

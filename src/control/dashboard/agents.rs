@@ -20,8 +20,13 @@ use crate::control::model::{Agent, BudgetScope, Cursor};
 use crate::domain::money::{Currency, MAX_AMOUNT_MINOR};
 use crate::domain::time::Period;
 
+pub mod budgets;
+
 pub fn routes() -> Router<DashState> {
     Router::new()
+        .route("/budgets", get(budgets::page).post(budgets::set_shared))
+        .route("/budgets/{id}/delete", post(budgets::delete))
+        .route("/agents/{id}/budgets/dry-run", post(budget_dry_run))
         .route("/agents", get(list).post(create))
         .route("/agents/{id}", get(detail_page))
         .route("/agents/{id}/rotate-key", post(rotate_key))
@@ -432,11 +437,40 @@ pub struct BudgetForm {
     amount: String,
 }
 
+/// A problem with one field of the budget form: a stable code and what to do.
+struct FieldError {
+    code: &'static str,
+    message: String,
+}
+
+impl FieldError {
+    fn new(code: &'static str, message: impl Into<String>) -> FieldError {
+        FieldError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct BudgetErrors {
-    period: Option<String>,
-    currency: Option<String>,
-    amount: Option<String>,
+    period: Option<FieldError>,
+    currency: Option<FieldError>,
+    amount: Option<FieldError>,
+}
+
+fn field_error(field: &str, e: &Option<FieldError>) -> Markup {
+    html! {
+        @if let Some(e) = e { p.field-error data-field=(field) data-code=(e.code) { (e.message) } }
+    }
+}
+
+/// What a budget dry run found, for the agent page.
+struct BudgetDryRun {
+    period: Period,
+    limit: String,
+    summary: super::dryrun::DryRunSummary,
+    truncated: bool,
 }
 
 async fn detail_page(
@@ -445,9 +479,16 @@ async fn detail_page(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
+    let currency = match state.db.get_policy(&id).await {
+        Ok(p) => budgets::policy_of(Some(&p.document))
+            .map(|p| p.currency.code().to_string())
+            .unwrap_or_default(),
+        Err(DbError::NotFound(_)) => String::new(),
+        Err(e) => return Err(e.into()),
+    };
     let form = BudgetForm {
         period: "monthly".into(),
-        currency: "USD".into(),
+        currency,
         amount: String::new(),
     };
     detail(
@@ -457,11 +498,13 @@ async fn detail_page(
         &id,
         &form,
         &BudgetErrors::default(),
+        None,
         StatusCode::OK,
     )
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn detail(
     state: &DashState,
     session: &Session,
@@ -469,6 +512,7 @@ async fn detail(
     id: &str,
     budget_form: &BudgetForm,
     budget_errors: &BudgetErrors,
+    dry_run: Option<&BudgetDryRun>,
     status: StatusCode,
 ) -> Result<Response, PageError> {
     let db = &state.db;
@@ -479,14 +523,34 @@ async fn detail(
         Err(DbError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let budgets = db.list_budgets(Some(BudgetScope::Agent), Some(id)).await?;
+    let own = db.list_budgets(Some(BudgetScope::Agent), Some(id)).await?;
+    let mut shared = db
+        .list_budgets(Some(BudgetScope::Project), Some(&agent.project_id))
+        .await?;
+    shared.extend(
+        db.list_budgets(Some(BudgetScope::Org), Some(&agent.org_id))
+            .await?,
+    );
     let now = auth::unix_now();
-    let mut budget_rows = Vec::with_capacity(budgets.len());
-    for b in budgets {
-        let period = period_of(&b.period).unwrap_or(Period::AllTime);
-        let used = db.dash_a_budget_used(&b, period.bucket_start(now)).await?;
-        budget_rows.push((b, used));
-    }
+    let parsed = policy
+        .as_ref()
+        .and_then(|p| budgets::policy_of(Some(&p.document)));
+    let all_time =
+        budgets::any_all_time([parsed.as_ref()], &own) || budgets::any_all_time([], &shared);
+    let usage = budgets::Usage::load(
+        db,
+        now,
+        budgets::UsageScope {
+            agent: Some(id),
+            project: Some(&agent.project_id),
+            org: Some(&agent.org_id),
+            all_time,
+        },
+    )
+    .await?;
+    let view = budgets::agent_view(&agent, parsed.as_ref(), &own, &shared, &usage);
+    let limit_rows: Vec<(Option<&Agent>, &budgets::Limit)> =
+        view.limits.iter().map(|l| (None, l)).collect();
     let intents = db
         .list_intents(
             &LedgerFilter {
@@ -560,23 +624,16 @@ async fn detail(
         }
         p.muted.small { "Last use of a key is not recorded by the control plane (sidecars verify keys locally)." }
         h2 { "Budgets" }
-        @if budget_rows.is_empty() {
-            p.muted id="no-agent-budgets" { "no budgets for this agent" }
-        } @else {
-            table id="agent-budgets" {
-                thead { tr { th { "Period" } th.num { "Used" } th.num { "Limit" } th { "Utilization" } } }
-                tbody {
-                    @for (b, used) in &budget_rows {
-                        tr data-budget=(b.id) data-period=(b.period) data-limit=(b.limit) {
-                            td { (b.period) }
-                            td.num { (ui::money(*used, &b.currency)) }
-                            td.num { (ui::money(b.limit, &b.currency)) }
-                            td { (ui::meter(*used, b.limit)) }
-                        }
-                    }
-                }
-            }
+        @if view.currency.is_none() {
+            p.error id="no-policy-budgets" { "This agent has no valid policy: its sidecar declines every purchase (no_policy), whatever its budgets." }
         }
+        @if view.limits.is_empty() {
+            p.muted id="no-agent-budgets" { "no budgets enforced for this agent (none in its policy, no agent, project or organization budget in its currency)" }
+        } @else {
+            (budgets::limits_table(session, "agent-budgets", &limit_rows, true))
+            p.muted.small { (budgets::USED_NOTE) }
+        }
+        (budgets::inactive_list(session, &view.inactive))
         @if admin {
             form method="post" action={(href) "/budgets"} id="budget-form" data-test="set-budget" {
                 (ui::csrf_field(session))
@@ -595,12 +652,20 @@ async fn detail(
                         input type="text" name="amount" value=(budget_form.amount) placeholder="12.50" inputmode="decimal" required;
                     }
                     button type="submit" id="budget-submit" { "Set budget" }
+                    button.secondary type="submit" id="budget-dry-run" formaction={(href) "/budgets/dry-run"} data-test="budget-dry-run" { "Dry run (last 30 days)" }
                 }
-                @if let Some(e) = &budget_errors.period { p.field-error data-field="period" { (e) } }
-                @if let Some(e) = &budget_errors.currency { p.field-error data-field="currency" { (e) } }
-                @if let Some(e) = &budget_errors.amount { p.field-error data-field="amount" { (e) } }
+                (field_error("period", &budget_errors.period))
+                (field_error("currency", &budget_errors.currency))
+                (field_error("amount", &budget_errors.amount))
+                p.small.muted {
+                    "An agent budget can only tighten: it lowers the policy's budget of its period (or adds one) and must be in the policy's currency"
+                    @if let Some(c) = view.currency { " (" (c.code()) ")" }
+                    ". A looser limit is refused — raise the policy's budget on the " a href={(href) "/policy"} { "policy page" } " instead. "
+                    "Project and organization budgets are set on the " a href="/budgets" { "budgets page" } "."
+                }
             }
         }
+        @if let Some(d) = dry_run { (budget_dry_run_markup(d)) }
         h2 { "Recent purchases" }
         @if intents.is_empty() {
             p.muted id="no-intents" { "no purchases yet" }
@@ -632,8 +697,54 @@ async fn detail(
     ))
 }
 
+fn budget_dry_run_markup(d: &BudgetDryRun) -> Markup {
+    use super::dryrun::outcome_str;
+    let s = &d.summary;
+    html! {
+        section #dry-run-results data-test="dry-run-results" data-replayed=(s.replayed) data-changed=(s.changes.len()) {
+            h2 { "Dry run: a " (d.period.as_str()) " agent budget of " (d.limit) " over the last 30 days" }
+            p.muted.small #dry-run-caveat {
+                "Replayed from the ledger in time order through the current policy with this agent's budgets folded in as its sidecar folds them — once as they are, once with this budget set. Not reconstructed: intents before the window, reservations released later, project and organization budgets (shared with other agents), the frozen state and MCP confirmations. Nothing was saved."
+            }
+            @if d.truncated { p.error { "Only the first " (super::dryrun::MAX_REPLAY) " intents of the window were replayed." } }
+            div.cards {
+                div.card { div.label { "Intents replayed" } div.big #dry-run-replayed { (s.replayed) } }
+                div.card data-test="dry-run-current" {
+                    div.label { "As enforced now" }
+                    div { span #current-approved { (s.current.approved) } " approved · " span #current-pending { (s.current.pending) } " pending · " span #current-declined { (s.current.declined) } " declined" }
+                }
+                div.card data-test="dry-run-draft" {
+                    div.label { "With this budget" }
+                    div { span #draft-approved { (s.draft.approved) } " approved · " span #draft-pending { (s.draft.pending) } " pending · " span #draft-declined { (s.draft.declined) } " declined" }
+                }
+                div.card { div.label { "Outcomes that change" } div.big #dry-run-changed { (s.changes.len()) } }
+            }
+            @if s.changes.is_empty() {
+                p.muted #dry-run-no-changes { "No outcome would change." }
+            } @else {
+                table #dry-run-changes {
+                    thead { tr { th { "Time" } th { "Intent" } th { "Merchant" } th.num { "Amount" } th { "Recorded" } th { "Now → with this budget" } th { "Reasons" } } }
+                    tbody {
+                        @for c in &s.changes {
+                            tr data-test="dry-run-change" data-intent-id=(c.id) data-old=(outcome_str(c.old)) data-new=(outcome_str(c.new)) {
+                                td.small { (ui::time(c.at)) }
+                                td.small { a href={"/transactions/" (seg(&c.id))} { (c.id) } }
+                                td { (c.merchant) }
+                                td.num { (c.amount.to_string()) }
+                                td { (ui::badge(&c.recorded_status)) }
+                                td { (ui::badge(outcome_str(c.old))) " → " (ui::badge(outcome_str(c.new))) }
+                                td.small { (c.new_reasons.join(", ")) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn period_of(s: &str) -> Option<Period> {
-    Period::ALL.into_iter().find(|p| p.as_str() == s)
+    budgets::period_of(s)
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -737,6 +848,100 @@ async fn unfreeze(
     ))
 }
 
+/// A budget form checked against the agent's policy: what to set, or the errors.
+struct CheckedBudget {
+    period: Period,
+    currency: Currency,
+    amount: i64,
+    /// The agent's policy, if it has a readable one.
+    policy: Option<crate::policy::Policy>,
+}
+
+/// Validates the budget form of agent `id`. An agent budget can only tighten the policy
+/// (`sync::client::fold_budgets`): one in another currency than the policy's is refused
+/// (`budget_currency_mismatch`), and so is one above the policy's budget of the same period
+/// (`budget_looser_than_policy`), which would have no effect — the policy's limit would
+/// still bind. Without a policy any currency is accepted (the agent declines everything
+/// until one is published).
+async fn check_budget(
+    state: &DashState,
+    id: &str,
+    form: &BudgetForm,
+) -> Result<Result<CheckedBudget, BudgetErrors>, PageError> {
+    let db = &state.db;
+    db.get_agent(id).await?;
+    let policy = match db.get_policy(id).await {
+        Ok(p) => budgets::policy_of(Some(&p.document)),
+        Err(DbError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut errors = BudgetErrors::default();
+    let period = period_of(form.period.trim());
+    if period.is_none() {
+        errors.period = Some(FieldError::new(
+            "invalid_period",
+            "choose daily, weekly, monthly or all_time",
+        ));
+    }
+    let currency = match Currency::parse(form.currency.trim()) {
+        Err(_) => {
+            errors.currency = Some(FieldError::new(
+                "invalid_currency",
+                "enter an ISO 4217 currency code, e.g. USD",
+            ));
+            None
+        }
+        Ok(c) => match &policy {
+            Some(p) if p.currency != c => {
+                errors.currency = Some(FieldError::new(
+                    "budget_currency_mismatch",
+                    format!(
+                        "this agent's policy spends {p} only: its sidecar would ignore a {c} budget. Set the budget in {p}.",
+                        p = p.currency.code(),
+                        c = c.code()
+                    ),
+                ));
+                None
+            }
+            _ => Some(c),
+        },
+    };
+    let amount = match currency {
+        Some(c) => parse_amount(&form.amount, c)
+            .map_err(|e| errors.amount = Some(FieldError::new("invalid_amount", e)))
+            .ok(),
+        None => None,
+    };
+    if let (Some(p), Some(period), Some(c), Some(amount)) = (&policy, period, currency, amount)
+        && let Some(rule) = p.budgets.iter().find(|r| r.period == period)
+        && amount > rule.limit
+    {
+        errors.amount = Some(FieldError::new(
+            "budget_looser_than_policy",
+            format!(
+                "the policy's {} budget of {} is lower and still binds: an agent budget of {} would have no effect. Enter at most {}, or raise the budget in the policy.",
+                period.as_str(),
+                ui::money(rule.limit, c.code()),
+                ui::money(amount, c.code()),
+                ui::money(rule.limit, c.code()),
+            ),
+        ));
+    }
+    match (period, currency, amount) {
+        (Some(period), Some(currency), Some(amount))
+            if errors.period.is_none() && errors.currency.is_none() && errors.amount.is_none() =>
+        {
+            Ok(Ok(CheckedBudget {
+                period,
+                currency,
+                amount,
+                policy,
+            }))
+        }
+        _ => Ok(Err(errors)),
+    }
+}
+
 /// `POST /agents/{id}/budgets`: sets the agent's budget for a period and currency.
 async fn set_budget(
     State(state): State<DashState>,
@@ -745,22 +950,85 @@ async fn set_budget(
     m: Mutation<BudgetForm>,
 ) -> Result<Response, PageError> {
     let Mutation { session, form } = m;
-    state.db.get_agent(&id).await?;
-    let mut errors = BudgetErrors::default();
-    let period = period_of(form.period.trim());
-    if period.is_none() {
-        errors.period = Some("choose daily, weekly, monthly or all_time".into());
-    }
-    let currency = Currency::parse(form.currency.trim())
-        .map_err(|_| errors.currency = Some("enter an ISO 4217 currency code, e.g. USD".into()))
-        .ok();
-    let amount = match currency {
-        Some(c) => parse_amount(&form.amount, c)
-            .map_err(|e| errors.amount = Some(e))
-            .ok(),
-        None => None,
+    let checked = match check_budget(&state, &id, &form).await? {
+        Ok(c) => c,
+        Err(errors) => {
+            return detail(
+                &state,
+                &session,
+                &headers,
+                &id,
+                &form,
+                &errors,
+                None,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await;
+        }
     };
-    let (Some(period), Some(currency), Some(amount)) = (period, currency, amount) else {
+    let budget = state
+        .db
+        .set_budget(
+            BudgetScope::Agent,
+            &id,
+            checked.period.as_str(),
+            checked.currency.code(),
+            checked.amount,
+            &session.actor(),
+            auth::unix_now(),
+        )
+        .await?;
+    let note = if checked.policy.is_none() {
+        "; the agent has no policy, so its purchases are declined until one is published"
+    } else {
+        ""
+    };
+    Ok(redirect_with_flash(
+        &agent_href(&id),
+        &format!(
+            "{} budget set to {}{note}",
+            budget.period,
+            ui::money(budget.limit, &budget.currency)
+        ),
+        &headers,
+    ))
+}
+
+/// `POST /agents/{id}/budgets/dry-run`: replays the agent's last 30 days with the budget
+/// of the form set (as its sidecar would fold it into the policy) against the budgets as
+/// they are; changes nothing.
+async fn budget_dry_run(
+    State(state): State<DashState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    m: Mutation<BudgetForm>,
+) -> Result<Response, PageError> {
+    use super::dryrun;
+    let Mutation { session, form } = m;
+    let checked = match check_budget(&state, &id, &form).await? {
+        Ok(c) => c,
+        Err(errors) => {
+            return detail(
+                &state,
+                &session,
+                &headers,
+                &id,
+                &form,
+                &errors,
+                None,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await;
+        }
+    };
+    let Some(policy) = checked.policy else {
+        let errors = BudgetErrors {
+            amount: Some(FieldError::new(
+                "no_policy",
+                "the agent has no policy: every purchase is declined whatever its budgets; publish a policy first",
+            )),
+            ..BudgetErrors::default()
+        };
         return detail(
             &state,
             &session,
@@ -768,31 +1036,73 @@ async fn set_budget(
             &id,
             &form,
             &errors,
+            None,
             StatusCode::UNPROCESSABLE_ENTITY,
         )
         .await;
     };
-    let budget = state
+    let own = state
         .db
-        .set_budget(
-            BudgetScope::Agent,
-            &id,
-            period.as_str(),
-            currency.code(),
-            amount,
-            &session.actor(),
-            auth::unix_now(),
-        )
+        .list_budgets(Some(BudgetScope::Agent), Some(&id))
         .await?;
-    Ok(redirect_with_flash(
-        &agent_href(&id),
-        &format!(
-            "{} budget set to {}",
-            budget.period,
-            ui::money(budget.limit, &budget.currency)
-        ),
+    let mut proposed: Vec<crate::control::model::Budget> = own
+        .iter()
+        .filter(|b| {
+            !(b.period == checked.period.as_str()
+                && b.currency.eq_ignore_ascii_case(checked.currency.code()))
+        })
+        .cloned()
+        .collect();
+    proposed.push(crate::control::model::Budget {
+        id: "proposed".into(),
+        scope: BudgetScope::Agent,
+        scope_id: id.clone(),
+        period: checked.period.as_str().to_string(),
+        currency: checked.currency.code().to_string(),
+        limit: checked.amount,
+        created_at: 0,
+        updated_at: 0,
+    });
+    let (Ok(current), Ok(draft)) = (
+        budgets::folded(policy.clone(), &own).compile(),
+        budgets::folded(policy, &proposed).compile(),
+    ) else {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            "invalid_policy",
+            "the agent's current policy is not valid; fix it on the policy page first",
+        ));
+    };
+    let now = auth::unix_now();
+    let limit = i64::try_from(dryrun::MAX_REPLAY).unwrap_or(10_000) + 1;
+    let intents = state
+        .db
+        .dash_agent_intents_between(&id, now - 30 * 86_400, now + 1, limit)
+        .await?;
+    let truncated = intents.len() > dryrun::MAX_REPLAY;
+    let items: Vec<dryrun::ReplayItem> = intents
+        .iter()
+        .take(dryrun::MAX_REPLAY)
+        .filter_map(dryrun::item_of)
+        .collect();
+    let summary = dryrun::compare(Some(&current), &draft, &items, now);
+    let view = BudgetDryRun {
+        period: checked.period,
+        limit: ui::money(checked.amount, checked.currency.code()),
+        summary,
+        truncated,
+    };
+    detail(
+        &state,
+        &session,
         &headers,
-    ))
+        &id,
+        &form,
+        &BudgetErrors::default(),
+        Some(&view),
+        StatusCode::OK,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -6,16 +6,19 @@
 use std::collections::HashMap;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
-use maud::html;
+use maud::{Markup, html};
 
+use super::agents::budgets;
 use super::auth::{Mutation, Session, unix_now};
 use super::ui::{self, Nav};
 use super::{DashState, PageError, redirect_with_flash};
-use crate::control::db::DbError;
+use crate::control::db::{DbError, DecideError};
+use crate::control::model::{Agent, Budget, BudgetScope, Cursor, Intent};
+use crate::policy::Policy;
 
 pub fn routes() -> Router<DashState> {
     Router::new()
@@ -41,29 +44,132 @@ pub fn age(seconds: i64) -> String {
     }
 }
 
+/// Rows per page of the queue.
+pub const PAGE_SIZE: i64 = 50;
+
+#[derive(serde::Deserialize, Default)]
+pub struct QueueQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// A refusal shown above the queue (status 409).
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
 /// `GET /approvals`.
 async fn page(
     State(state): State<DashState>,
     session: Session,
     headers: HeaderMap,
+    Query(q): Query<QueueQuery>,
 ) -> Result<Response, PageError> {
-    let pending = state.db.dash_pending_approvals(200).await?;
-    let recent = state.db.dash_recent_admin_decisions(20).await?;
-    let names: HashMap<String, String> = state.db.dash_agent_names().await?.into_iter().collect();
+    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+            PageError::bad_request(
+                "invalid_cursor",
+                "the page link is not valid; start from the first page",
+            )
+        })?),
+    };
+    render(&state, &session, &headers, cursor, None).await
+}
+
+async fn render(
+    state: &DashState,
+    session: &Session,
+    headers: &HeaderMap,
+    cursor: Option<Cursor>,
+    refusal: Option<Refusal>,
+) -> Result<Response, PageError> {
+    let db = &state.db;
+    let first_page = cursor.is_none();
+    let total = db.dash_a_pending_count().await?;
+    let page = db.dash_pending_page(PAGE_SIZE, cursor).await?;
+    let recent = db.dash_recent_admin_decisions(20).await?;
+    let names: HashMap<String, String> = db.dash_agent_names().await?.into_iter().collect();
     let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
     let now = unix_now();
+    // What is left in each budget of the agents in this page.
+    let all_budgets = db.list_budgets(None, None).await?;
+    let shared: Vec<Budget> = all_budgets
+        .iter()
+        .filter(|b| b.scope != BudgetScope::Agent)
+        .cloned()
+        .collect();
+    let mut agents: Vec<(Agent, Option<Policy>, Vec<Budget>)> = Vec::new();
+    for p in &page.items {
+        let id = &p.intent.agent_id;
+        if agents.iter().any(|(a, _, _)| &a.id == id) {
+            continue;
+        }
+        let agent = match db.get_agent(id).await {
+            Ok(a) => a,
+            Err(DbError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let policy = match db.get_policy(id).await {
+            Ok(r) => budgets::policy_of(Some(&r.document)),
+            Err(DbError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let own: Vec<Budget> = all_budgets
+            .iter()
+            .filter(|b| b.scope == BudgetScope::Agent && &b.scope_id == id)
+            .cloned()
+            .collect();
+        agents.push((agent, policy, own));
+    }
+    let usage = budgets::Usage::load(
+        db,
+        now,
+        budgets::UsageScope {
+            all_time: budgets::any_all_time(
+                agents.iter().map(|(_, p, _)| p.as_ref()),
+                &all_budgets,
+            ),
+            ..budgets::UsageScope::default()
+        },
+    )
+    .await?;
+    let views: HashMap<String, budgets::AgentView> = agents
+        .iter()
+        .map(|(a, p, own)| {
+            (
+                a.id.clone(),
+                budgets::agent_view(a, p.as_ref(), own, &shared, &usage),
+            )
+        })
+        .collect();
     let content = html! {
-        section #pending-approvals data-count=(pending.len()) {
-            h2 { "Waiting (" (pending.len()) ")" }
-            @if pending.is_empty() {
-                p.muted #no-pending { "Nothing is waiting for approval." }
+        @if let Some(r) = &refusal {
+            p.error role="alert" #decision-refused data-code=(r.code) { (r.message) }
+        }
+        section #pending-approvals data-count=(total) {
+            h2 { "Waiting (" (total) ")" }
+            @if total > 0 && (!first_page || page.next_cursor.is_some()) {
+                p.small.muted { "Oldest first, " (PAGE_SIZE) " per page." }
+            }
+            @if page.items.is_empty() {
+                p.muted #no-pending { @if first_page { "Nothing is waiting for approval." } @else { "No more requests." } }
             } @else {
                 table #approvals-table {
-                    thead { tr { th { "Agent" } th { "Purchase" } th.num { "Amount" } th { "Why it waits" } th { "Age" } th { "Decision" } } }
+                    thead { tr { th { "Agent" } th { "Purchase" } th.num { "Amount" } th { "Why it waits" } th { "Budgets if approved" } th { "Age · deadline" } th { "Decision" } } }
                     tbody {
-                        @for i in &pending {
-                            tr id={"approval-" (i.id)} data-test="approval-row" data-intent-id=(i.id) {
-                                td { (name(&i.agent_id)) br; span.small.muted { (i.agent_id) } }
+                        @for p in &page.items {
+                            @let i = &p.intent;
+                            @let frozen = p.agent_status.as_deref() != Some("active");
+                            @let expired = i.expires_at.is_some_and(|e| e <= now);
+                            tr id={"approval-" (i.id)} data-test="approval-row" data-intent-id=(i.id)
+                                data-agent-status=(p.agent_status.as_deref().unwrap_or("unknown")) data-expired=(expired) {
+                                td {
+                                    (p.agent_name.clone().unwrap_or_else(|| name(&i.agent_id))) br; span.small.muted { (i.agent_id) } br;
+                                    span data-test="agent-status" { (ui::badge(p.agent_status.as_deref().unwrap_or("unknown"))) }
+                                    @if let Some(r) = &p.frozen_reason { br; span.small.error-text { (r) } }
+                                }
                                 td {
                                     a href={"/transactions/" (super::policies::seg(&i.id))} { (i.merchant_name) }
                                     @if let Some(d) = &i.merchant_domain { br; span.small.muted { (d) } }
@@ -71,26 +177,43 @@ async fn page(
                                     br; span.small.muted { (i.id) }
                                 }
                                 td.num { (ui::money(i.amount, &i.currency)) }
-                                td.small {
-                                    (i.reasons.join(", "))
+                                td.small data-test="reasons" {
+                                    (reasons_markup(&i.reasons, &p.messages))
                                     @if let Some(score) = i.risk_score {
-                                        br; "risk " strong { (score) }
+                                        "risk " strong { (score) }
                                         @if !i.risk_signals.is_empty() { ": " (i.risk_signals.join(", ")) }
                                     }
                                 }
-                                td.small title=(ui::time(i.created_at)) { (age(now - i.created_at)) }
+                                td.small data-test="budget-impact" {
+                                    (impact_markup(views.get(&i.agent_id), i))
+                                }
+                                td.small {
+                                    span title=(ui::time(i.created_at)) { (age(now - i.created_at)) " old" }
+                                    br;
+                                    @match i.expires_at {
+                                        Some(e) if e <= now => span.expired data-test="deadline" data-expires-at=(e) title=(ui::time(e)) { "expired " (age(now - e)) " ago" },
+                                        Some(e) => span data-test="deadline" data-expires-at=(e) title=(ui::time(e)) { "expires in " (age(e - now)) br; span.muted { (ui::time(e)) } },
+                                        None => span.muted data-test="deadline" { "no deadline reported" },
+                                    }
+                                }
                                 td {
-                                    @if session.is_admin() {
+                                    @if !session.is_admin() {
+                                        span.muted.small { "admins decide" }
+                                    } @else if expired {
+                                        span.muted.small { "expired: its sidecar releases the reservation; nothing to decide" }
+                                    } @else {
                                         form.approval-form hx-boost="false" method="post" action={"/approvals/" (super::policies::seg(&i.id)) "/approve"} {
-                                            (ui::csrf_field(&session))
+                                            (ui::csrf_field(session))
                                             textarea name="note" rows="2" maxlength=(MAX_NOTE) placeholder="note (optional)" data-test="approval-note" {}
                                             div.actions {
-                                                button type="submit" data-test="approve" { "Approve" }
+                                                @if frozen {
+                                                    span.small.error-text { "agent frozen: unfreeze it to approve" }
+                                                } @else {
+                                                    button type="submit" data-test="approve" { "Approve" }
+                                                }
                                                 button.danger type="submit" formaction={"/approvals/" (super::policies::seg(&i.id)) "/deny"} data-test="deny" { "Deny" }
                                             }
                                         }
-                                    } @else {
-                                        span.muted.small { "admins decide" }
                                     }
                                 }
                             }
@@ -98,6 +221,13 @@ async fn page(
                     }
                 }
             }
+            p.actions {
+                @if !first_page { a #approvals-first href="/approvals" { "← oldest" } }
+                @if let Some(next) = &page.next_cursor {
+                    a #approvals-next rel="next" data-test="approvals-next" href={"/approvals?cursor=" (ui::url_encode(next))} { "Newer requests →" }
+                }
+            }
+            p.muted.small { "A waiting purchase already holds its reservation in the agent's budgets (it counts in \"used\"), so approving it leaves what is shown; denying releases it. Approving is refused while the agent is frozen or once the request has expired." }
         }
         section #recent-decisions {
             h2 { "Recently decided" }
@@ -123,13 +253,63 @@ async fn page(
             }
         }
     };
-    Ok(ui::page(
-        &session,
-        &headers,
+    let status = if refusal.is_some() {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::OK
+    };
+    Ok(ui::page_with_status(
+        session,
+        headers,
         Nav::Approvals,
         "Approvals",
         content,
+        status,
     ))
+}
+
+/// The sidecar's sentences (the agent was told these), each with its code; codes alone
+/// when the sidecar sent no sentences.
+fn reasons_markup(codes: &[String], messages: &[String]) -> Markup {
+    html! {
+        @if messages.len() == codes.len() && !messages.is_empty() {
+            ul.budget-impact {
+                @for (c, m) in codes.iter().zip(messages) {
+                    li data-test="reason" data-code=(c) { (m) " " code.small { (c) } }
+                }
+            }
+        } @else {
+            @for c in codes { code data-test="reason" data-code=(c) { (c) } " " }
+            br;
+        }
+    }
+}
+
+/// What is left in each of the agent's enforced budgets (the request's hold included).
+fn impact_markup(view: Option<&budgets::AgentView>, i: &Intent) -> Markup {
+    html! {
+        @match view {
+            None => span.muted { "agent unknown" },
+            Some(v) if v.currency.is_none() => span.error-text { "no valid policy: the sidecar declines it (no_policy)" },
+            Some(v) if v.limits.is_empty() => span.muted { "no budgets" },
+            Some(v) => ul.budget-impact {
+                @for l in &v.limits {
+                    @let left = l.left();
+                    li data-test="impact" data-source=(l.source.code()) data-period=(l.period.as_str()) data-left=(left) {
+                        (l.period.as_str()) " (" (l.source.label()) "): "
+                        @if left >= 0 {
+                            strong { (ui::money(left, &l.currency)) } " of " (ui::money(l.limit, &l.currency)) " left"
+                        } @else {
+                            strong.error-text { "over by " (ui::money(-left, &l.currency)) } " (limit " (ui::money(l.limit, &l.currency)) ")"
+                        }
+                    }
+                }
+                @if v.currency.is_some_and(|c| !c.code().eq_ignore_ascii_case(&i.currency)) {
+                    li.error-text { "the purchase is in " (i.currency) ", not the policy's currency" }
+                }
+            },
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -177,25 +357,41 @@ async fn decide(
             unix_now(),
         )
         .await;
-    match result {
-        Ok((intent, _)) => Ok(redirect_with_flash(
-            "/approvals",
-            &format!(
-                "{} {} at {} ({})",
-                if approve { "approved" } else { "denied" },
-                ui::money(intent.amount, &intent.currency),
-                intent.merchant_name,
-                intent.id
+    let refusal = match result {
+        Ok((intent, _)) => {
+            return Ok(redirect_with_flash(
+                "/approvals",
+                &format!(
+                    "{} {} at {} ({})",
+                    if approve { "approved" } else { "denied" },
+                    ui::money(intent.amount, &intent.currency),
+                    intent.merchant_name,
+                    intent.id
+                ),
+                &headers,
+            ));
+        }
+        Err(DecideError::NotPending(status)) => Refusal {
+            code: "intent_not_pending",
+            message: format!("this purchase was already decided: it is {status}; nothing changed"),
+        },
+        Err(DecideError::Expired { expires_at }) => Refusal {
+            code: "intent_expired",
+            message: format!(
+                "the request for {id} expired at {}: its sidecar expires it and releases the reservation; nothing changed",
+                ui::time(expires_at)
             ),
-            &headers,
-        )),
-        Err(DbError::Conflict(m)) => Err(PageError::new(
-            StatusCode::CONFLICT,
-            "intent_not_pending",
-            &format!("this purchase was already decided: {m}"),
-        )),
-        Err(e) => Err(e.into()),
-    }
+        },
+        Err(DecideError::AgentFrozen { agent_id, reason }) => Refusal {
+            code: "agent_frozen",
+            message: format!(
+                "agent {agent_id} is frozen{}: unfreeze it before approving its purchases (denying is possible); nothing changed",
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+        },
+        Err(DecideError::Db(e)) => return Err(e.into()),
+    };
+    render(&state, &m.session, &headers, None, Some(refusal)).await
 }
 
 /// `POST /approvals/{id}/approve`.

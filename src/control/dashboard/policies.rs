@@ -122,6 +122,8 @@ struct DryRunView {
     /// The current revision and the draft, pretty-printed, for the preview diff.
     current_text: String,
     draft_text: String,
+    /// How many agent budgets were folded into both sides.
+    agent_budgets: usize,
 }
 
 struct Editor<'a> {
@@ -227,7 +229,10 @@ fn dry_run_markup(d: &DryRunView) -> Markup {
             h2 { "Dry run: the last " (d.days) " days" }
             p #draft-valid { "The draft is valid (not published yet)." }
             p.muted.small #dry-run-caveat {
-                "Replayed from the ledger in time order with budgets, velocity and risk history rebuilt as the replay goes; not reconstructed: intents before the window (earlier budget use and risk history), reservations released later, agent/project/organization budgets set outside the policy, the frozen state and MCP confirmations."
+                "Replayed from the ledger in time order with budgets, velocity and risk history rebuilt as the replay goes. "
+                "Both the current policy and the draft include this agent's budgets, folded in as its sidecar folds them (an agent budget tightens the policy's budget of its period)"
+                @if d.agent_budgets > 0 { " — " span #dry-run-agent-budgets data-count=(d.agent_budgets) { (d.agent_budgets) " agent budget(s)" } " here; change them on the agent's page, where a budget can be dry-run too" }
+                ". Not reconstructed: intents before the window (earlier budget use and risk history), reservations released later, project and organization budgets (shared with other agents), the frozen state and MCP confirmations."
             }
             @if d.current_invalid { p.error { "The current policy could not be read: it counts as no policy (everything declined)." } }
             (preview_markup(d))
@@ -505,8 +510,8 @@ async fn dry_run(
         .unwrap_or_else(|| DEFAULT_DAYS.to_string());
     let parsed = parse_draft(&draft);
     let days = parse_days(Some(&days_text));
-    let (draft_policy, compiled, days) = match (parsed, days) {
-        (Ok((p, c)), Ok(d)) => (p, c, d),
+    let (draft_policy, days) = match (parsed, days) {
+        (Ok((p, _)), Ok(d)) => (p, d),
         (p, d) => {
             let mut errors = p.err().unwrap_or_default();
             errors.extend(d.err());
@@ -536,11 +541,49 @@ async fn dry_run(
     };
     let now = unix_now();
     let current = revisions.first();
+    // Both sides with the agent's budgets folded in as its sidecar folds them: an agent
+    // budget tightens (or adds) the policy's budget of its period.
+    let own = state
+        .db
+        .list_budgets(Some(crate::control::model::BudgetScope::Agent), Some(&id))
+        .await?;
     let current_compiled = current.and_then(|r| {
         serde_json::from_value::<Policy>(r.document.clone())
             .ok()
-            .and_then(|p| p.compile().ok())
+            .and_then(|p| super::agents::budgets::folded(p, &own).compile().ok())
     });
+    // The document as it would be published (before the agent's budgets are folded in).
+    let draft_text = serde_json::to_value(&draft_policy)
+        .map(|v| pretty(&v))
+        .unwrap_or_default();
+    let compiled = match super::agents::budgets::folded(draft_policy, &own).compile() {
+        Ok(c) => c,
+        Err(errors) => {
+            let content = editor_markup(
+                &m.session,
+                &Editor {
+                    agent: &agent,
+                    revisions: &revisions,
+                    draft: &draft,
+                    errors: &errors,
+                    days: &days_text,
+                    dry_run: None,
+                    base,
+                    conflict: None,
+                    loaded_from: None,
+                },
+            );
+            return Ok(ui::page_with_status(
+                &m.session,
+                &headers,
+                Nav::Policies,
+                &title(&agent),
+                content,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ));
+        }
+    };
+    let agent_budgets = own.len();
     let limit = i64::try_from(MAX_REPLAY).unwrap_or(10_000) + 1;
     let intents = state
         .db
@@ -562,9 +605,8 @@ async fn dry_run(
         current_revision: current.map(|r| r.revision),
         current_invalid: current.is_some() && current_compiled.is_none(),
         current_text: current.map(|r| pretty(&r.document)).unwrap_or_default(),
-        draft_text: serde_json::to_value(&draft_policy)
-            .map(|v| pretty(&v))
-            .unwrap_or_default(),
+        draft_text,
+        agent_budgets,
     };
     let content = editor_markup(
         &m.session,

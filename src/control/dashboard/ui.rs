@@ -15,6 +15,7 @@ pub const FLASH_COOKIE: &str = "roony_flash";
 pub enum Nav {
     Overview,
     Agents,
+    Budgets,
     Policies,
     Approvals,
     Transactions,
@@ -27,6 +28,7 @@ pub enum Nav {
 const NAV: &[(Nav, &str, &str)] = &[
     (Nav::Overview, "/", "Overview"),
     (Nav::Agents, "/agents", "Agents"),
+    (Nav::Budgets, "/budgets", "Budgets"),
     (Nav::Policies, "/policies", "Policies"),
     (Nav::Approvals, "/approvals", "Approvals"),
     (Nav::Transactions, "/transactions", "Transactions"),
@@ -249,6 +251,57 @@ pub fn bar_chart(title: &str, bars: &[Bar]) -> Markup {
     }
 }
 
+/// One column of a [`column_chart`].
+pub struct Column {
+    /// Shown under the column (e.g. "11-22"); every few columns only, when many.
+    pub label: String,
+    pub value: i64,
+    /// Shown on hover (e.g. "2026-11-22: USD 12.40").
+    pub text: String,
+}
+
+/// A vertical column chart as inline SVG (no JavaScript), scaled to its largest value;
+/// negative values count as zero. `caption` says what the largest column is worth.
+pub fn column_chart(title: &str, columns: &[Column], caption: &str) -> Markup {
+    let max = columns
+        .iter()
+        .map(|c| c.value.max(0))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let n = columns.len().max(1) as i64;
+    // About one user unit per pixel on a full-width page, so labels keep their size.
+    let (width, height, base) = (1000i64, 130i64, 112i64);
+    let step = width / n;
+    let bar = (step - 2).max(1);
+    let every = (n / 10).max(1);
+    html! {
+        figure.chart {
+            figcaption { (title) }
+            @if columns.iter().all(|c| c.value <= 0) {
+                p.muted { "nothing yet" }
+            } @else {
+                svg xmlns="http://www.w3.org/2000/svg" viewBox={"0 0 " (width) " " (height)} role="img" aria-label=(title) {
+                    line x1="0" y1=(base) x2=(width) y2=(base) class="chart-axis" {}
+                    @for (i, c) in columns.iter().enumerate() {
+                        @let x = i as i64 * step;
+                        @let h = (i128::from(c.value.max(0)) * 100 / i128::from(max)) as i64;
+                        @if h > 0 {
+                            rect x=(x + 1) y=(base - h) width=(bar) height=(h) class="chart-bar" data-value=(c.value) {
+                                title { (c.text) }
+                            }
+                        }
+                        @if i as i64 % every == 0 {
+                            text x=(x + 1) y=(base + 14) class="chart-label" { (c.label) }
+                        }
+                    }
+                }
+                p.small.muted { (caption) }
+            }
+        }
+    }
+}
+
 /// A utilization meter (0–100 %, capped), as inline SVG.
 pub fn meter(used: i64, limit: i64) -> Markup {
     let pct = if limit <= 0 {
@@ -302,6 +355,40 @@ mod tests {
     fn money_and_encoding() {
         assert_eq!(money(1240, "usd"), "USD 12.40");
         assert_eq!(url_decode(&url_encode("a b&c/é")), "a b&c/é");
+    }
+
+    #[test]
+    fn column_charts_scale_to_the_largest_column() {
+        let cols = [
+            Column {
+                label: "11-21".into(),
+                value: 0,
+                text: "2026-11-21: USD 0.00".into(),
+            },
+            Column {
+                label: "11-22".into(),
+                value: 500,
+                text: "2026-11-22: USD 5.00".into(),
+            },
+            Column {
+                label: "<b>".into(),
+                value: 1000,
+                text: "x".into(),
+            },
+        ];
+        let m = column_chart("daily", &cols, "highest day: USD 10.00").into_string();
+        assert_eq!(
+            m.matches("class=\"chart-bar\"").count(),
+            2,
+            "no bar for zero"
+        );
+        assert!(
+            m.contains("height=\"50\"") && m.contains("height=\"100\""),
+            "{m}"
+        );
+        assert!(m.contains("&lt;b&gt;"));
+        let empty = column_chart("daily", &cols[..1], "").into_string();
+        assert!(empty.contains("nothing yet") && !empty.contains("<svg"));
     }
 
     #[test]

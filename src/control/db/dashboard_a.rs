@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Arg, ControlDb, DbError, Where, audit_from_row, bind_all};
-use crate::control::model::{AuditEvent, Budget, BudgetScope, Cursor, Page};
+use super::{Arg, ControlDb, DbError, Where, agent_from_row, audit_from_row, bind_all};
+use crate::control::model::{Agent, AuditEvent, BudgetScope, Cursor, Page};
 
 /// Money per currency (ISO code, minor units).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +48,64 @@ pub struct AuditPageFilter {
 }
 
 const NET_AMOUNT: &str = "CASE WHEN s.kind = 'refund' THEN -s.amount ELSE s.amount END";
+
+/// What one intent counts against its budgets, as its sidecar counts it (docs/design.md,
+/// "Budgets, reservations" and "Settlement"): while it is open (`pending_approval`,
+/// `approved`, `issuing`) the larger of its hold (the reservation the sidecar reported,
+/// else the amount) and what moved on its card; once it ended (settled, canceled, expired,
+/// declined, failed) exactly what moved on the card — pending authorizations plus captures
+/// less refunds, never below zero. [`counted`] is the same in Rust.
+pub const COUNTED: &str = "CASE \
+     WHEN status IN ('pending_approval', 'approved', 'issuing') THEN \
+       CASE WHEN pending + captured - refunded > (CASE WHEN reserved > 0 THEN reserved ELSE amount END) \
+         THEN pending + captured - refunded ELSE (CASE WHEN reserved > 0 THEN reserved ELSE amount END) END \
+     WHEN pending + captured - refunded > 0 THEN pending + captured - refunded \
+     ELSE 0 END";
+
+/// [`COUNTED`] for one intent.
+pub fn counted(i: &crate::control::model::Intent) -> i64 {
+    let moved = i
+        .pending
+        .saturating_add(i.captured)
+        .saturating_sub(i.refunded)
+        .max(0);
+    match i.status.as_str() {
+        "pending_approval" | "approved" | "issuing" => {
+            let hold = if i.reserved > 0 { i.reserved } else { i.amount };
+            hold.max(moved)
+        }
+        _ => moved,
+    }
+}
+
+/// Used amounts of one scope and currency in the current bucket of each period, indexed
+/// like `crate::policy::period_index` (daily, weekly, monthly, all-time).
+pub type PeriodUsage = [i64; 4];
+
+/// An agent with its current policy document (`None`: no policy was ever written).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentPolicy {
+    pub agent: Agent,
+    pub policy: Option<serde_json::Value>,
+    pub revision: Option<i64>,
+}
+
+/// A frozen agent with when and by whom it was last frozen (from the audit trail).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrozenAgent {
+    pub agent: Agent,
+    pub since: Option<i64>,
+    pub by: Option<String>,
+}
+
+/// Net spend of one UTC day in one currency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DailySpend {
+    /// Unix seconds of the day's start.
+    pub day: i64,
+    pub currency: String,
+    pub amount: i64,
+}
 
 impl ControlDb {
     /// Net captured spend per currency of settlements created in `[from, to)`.
@@ -161,31 +219,172 @@ impl ControlDb {
             .collect()
     }
 
-    /// What counts against `budget` in the period bucket starting at `bucket_start`: per
-    /// purchase of its scope and currency created since then and approved, issuing or
-    /// settled, the larger of its reservation and its net capture.
-    pub async fn dash_a_budget_used(
+    /// What counts against budgets of `scope` in the current bucket of each period, per
+    /// scope id and currency (upper case): the sum of [`COUNTED`] over the intents of the
+    /// scope created (decided) since each bucket's start — a reservation counts in the
+    /// periods of the moment it was made. `starts` are the buckets' starts (daily, weekly,
+    /// monthly; all-time has none). `only`: one scope id, else every one. Without
+    /// `all_time` only intents since the earliest of `starts` are read (the all-time column
+    /// then holds just those): the common case reads about a month of the ledger.
+    pub async fn dash_budget_usage(
         &self,
-        budget: &Budget,
-        bucket_start: i64,
-    ) -> Result<i64, DbError> {
-        let column = match budget.scope {
+        scope: BudgetScope,
+        starts: [i64; 3],
+        only: Option<&str>,
+        all_time: bool,
+    ) -> Result<HashMap<(String, String), PeriodUsage>, DbError> {
+        let column = match scope {
             BudgetScope::Org => "org_id",
             BudgetScope::Project => "project_id",
             BudgetScope::Agent => "agent_id",
         };
+        let mut clauses = Vec::new();
+        if only.is_some() {
+            clauses.push(format!("{column} = $4"));
+        }
+        if !all_time {
+            let n = if only.is_some() { 5 } else { 4 };
+            clauses.push(format!("created_at >= ${n}"));
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
         let sql = format!(
-            "SELECT CAST(COALESCE(SUM(CASE WHEN captured - refunded > reserved THEN captured - refunded ELSE reserved END), 0) AS BIGINT) AS total \
-             FROM intents WHERE {column} = $1 AND UPPER(currency) = $2 AND created_at >= $3 \
-             AND status IN ('approved', 'issuing', 'settled')"
+            "SELECT {column} AS scope_id, UPPER(currency) AS cur, \
+             CAST(COALESCE(SUM(CASE WHEN created_at >= $1 THEN {COUNTED} ELSE 0 END), 0) AS BIGINT) AS d, \
+             CAST(COALESCE(SUM(CASE WHEN created_at >= $2 THEN {COUNTED} ELSE 0 END), 0) AS BIGINT) AS w, \
+             CAST(COALESCE(SUM(CASE WHEN created_at >= $3 THEN {COUNTED} ELSE 0 END), 0) AS BIGINT) AS m, \
+             CAST(COALESCE(SUM({COUNTED}), 0) AS BIGINT) AS a \
+             FROM intents{filter} GROUP BY {column}, UPPER(currency)"
         );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(budget.scope_id.clone())
-            .bind(budget.currency.to_ascii_uppercase())
-            .bind(bucket_start)
-            .fetch_one(self.pool())
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(starts[0])
+            .bind(starts[1])
+            .bind(starts[2]);
+        if let Some(id) = only {
+            q = q.bind(id.to_string());
+        }
+        if !all_time {
+            q = q.bind(starts.iter().copied().min().unwrap_or(0));
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            out.insert(
+                (r.try_get("scope_id")?, r.try_get("cur")?),
+                [
+                    r.try_get("d")?,
+                    r.try_get("w")?,
+                    r.try_get("m")?,
+                    r.try_get("a")?,
+                ],
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every agent (at most 2000, by name) with its current policy document.
+    pub async fn dash_agent_policies(&self) -> Result<Vec<AgentPolicy>, DbError> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.org_id, a.project_id, a.name, a.status, a.frozen_reason, a.created_at, a.updated_at, \
+             r.document AS document, r.revision AS revision \
+             FROM agents a LEFT JOIN policies p ON p.agent_id = a.id \
+             LEFT JOIN policy_revisions r ON r.policy_id = p.id AND r.revision = p.current_revision \
+             ORDER BY a.name, a.id LIMIT 2000",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let document: Option<String> = r.try_get("document")?;
+                Ok(AgentPolicy {
+                    agent: agent_from_row(r)?,
+                    // An unreadable document counts as no policy, as at the sidecar.
+                    policy: document.and_then(|d| serde_json::from_str(&d).ok()),
+                    revision: r.try_get("revision")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Frozen agents (at most 200, most recently changed first) with when and by whom each
+    /// was last frozen.
+    pub async fn dash_frozen_agents(&self) -> Result<Vec<FrozenAgent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.org_id, a.project_id, a.name, a.status, a.frozen_reason, a.created_at, a.updated_at, \
+             (SELECT e.created_at FROM audit_events e WHERE e.target_type = 'agent' AND e.target_id = a.id \
+              AND e.action = 'agent.freeze' ORDER BY e.created_at DESC, e.id DESC LIMIT 1) AS since, \
+             (SELECT e.actor_id FROM audit_events e WHERE e.target_type = 'agent' AND e.target_id = a.id \
+              AND e.action = 'agent.freeze' ORDER BY e.created_at DESC, e.id DESC LIMIT 1) AS frozen_by \
+             FROM agents a WHERE a.status = 'frozen' ORDER BY a.updated_at DESC, a.id LIMIT 200",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(FrozenAgent {
+                    agent: agent_from_row(r)?,
+                    since: r.try_get("since")?,
+                    by: r.try_get("frozen_by")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Net spend per currency of settlements in `[from, to)` that belong to no purchase of
+    /// the ledger (force captures, unknown cards).
+    pub async fn dash_unattributed_spend(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<CurrencyAmount>, DbError> {
+        let sql = format!(
+            "SELECT s.currency AS currency, CAST(COALESCE(SUM({NET_AMOUNT}), 0) AS BIGINT) AS total \
+             FROM settlements s LEFT JOIN intents i ON i.id = s.intent_id \
+             WHERE s.created_at >= $1 AND s.created_at < $2 AND i.id IS NULL \
+             GROUP BY s.currency ORDER BY s.currency"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(from)
+            .bind(to)
+            .fetch_all(self.pool())
             .await?;
-        Ok(row.try_get("total")?)
+        rows.iter()
+            .map(|r| {
+                Ok(CurrencyAmount {
+                    currency: r.try_get("currency")?,
+                    amount: r.try_get("total")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Net spend per UTC day and currency of settlements in `[from, to)` (days with no
+    /// settlement are absent).
+    pub async fn dash_daily_spend(&self, from: i64, to: i64) -> Result<Vec<DailySpend>, DbError> {
+        let sql = format!(
+            "SELECT CAST(s.created_at / 86400 AS BIGINT) AS day, s.currency AS currency, \
+             CAST(COALESCE(SUM({NET_AMOUNT}), 0) AS BIGINT) AS total \
+             FROM settlements s WHERE s.created_at >= $1 AND s.created_at < $2 \
+             GROUP BY CAST(s.created_at / 86400 AS BIGINT), s.currency ORDER BY day, currency"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(from)
+            .bind(to)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let day: i64 = r.try_get("day")?;
+                Ok(DailySpend {
+                    day: day.saturating_mul(86_400),
+                    currency: r.try_get("currency")?,
+                    amount: r.try_get("total")?,
+                })
+            })
+            .collect()
     }
 
     /// Active key counts and current policy revisions of every agent.

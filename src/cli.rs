@@ -82,10 +82,7 @@ impl StripeArgs {
                 Ok(c)
             }
             None => match (control_plane_url, sidecar_token) {
-                (Some(url), Some(token)) => Ok(StripeConfig::new(
-                    token,
-                    Some(relay_base_url(url)),
-                )),
+                (Some(url), Some(token)) => Ok(StripeConfig::relay(url, token)),
                 _ => Err(
                     "give --stripe-api-key, or --control-plane-url and --sidecar-token to issue through the control plane"
                         .into(),
@@ -97,11 +94,9 @@ impl StripeArgs {
 
 /// The base URL of a control plane's issuing relay for async-stripe (`…/stripe/`).
 pub fn relay_base_url(control_plane_url: &str) -> String {
-    format!(
-        "{}{}/",
-        control_plane_url.trim_end_matches('/'),
-        crate::control::relay::BASE
-    )
+    StripeConfig::relay(control_plane_url, String::new())
+        .base_url
+        .unwrap_or_default()
 }
 
 #[derive(Args, Debug)]

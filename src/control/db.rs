@@ -69,6 +69,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dashboard",
         include_str!("../../migrations/0010_dashboard.sql"),
     ),
+    (
+        11,
+        "relay cards",
+        include_str!("../../migrations/0011_relay_cards.sql"),
+    ),
 ];
 
 pub mod admin_users;
@@ -76,6 +81,7 @@ mod connect;
 mod dashboard_a;
 mod dashboard_b;
 mod reconcile;
+mod relay;
 mod stripe;
 pub use connect::{ConnectionRow, StoredTokens};
 pub use dashboard_a::{AgentFacts, AuditPageFilter, CurrencyAmount, SpendRow};
@@ -83,6 +89,10 @@ pub use dashboard_b::{
     AdminDecisionRow, CardRecord, PolicySummary, SettlementRecord, TxFilter, TxRow,
 };
 pub use reconcile::ReconcileCardView;
+pub use relay::{
+    LedgerIntentFacts, RelayBound, RelayCardClaim, RelayCardRow, RelayClaim, RelayFacts,
+    RelayScope, RelayVerdict,
+};
 pub use stripe::{AuthInputs, DiscrepancyFilter};
 
 /// Which database a [`ControlDb`] talks to.

@@ -74,7 +74,7 @@ fn period_of(b: &BundleBudget) -> Option<Period> {
 /// The policy with the agent's admin-set budgets folded in: a budget in the policy's
 /// currency tightens (or adds) the budget of its period. Budgets in other currencies cannot
 /// apply (the policy spends its currency only) and are ignored with a warning.
-fn with_budgets(mut policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
+pub fn with_budgets(mut policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
     for b in budgets {
         let Some(period) = period_of(b) else {
             tracing::warn!(agent = %agent_id, budget = %b.id, period = %b.period, "unknown budget period; ignored");

@@ -45,6 +45,10 @@ pub enum Command {
     /// Dashboard users: `roony admin create --email … [--role admin|viewer]` (password on stdin).
     #[command(subcommand)]
     Admin(crate::control::admin_cli::AdminCommand),
+    /// The key sealing stored Stripe tokens: `roony secrets status`, `roony secrets reseal`
+    /// (rotation; docs/stripe-credentials.md).
+    #[command(subcommand)]
+    Secrets(crate::control::secrets_cli::SecretsCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -449,6 +453,15 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Secrets(command) = &cli.command {
+        return match runtime.block_on(crate::control::secrets_cli::run(command)) {
+            Ok(code) => ExitCode::from(code),
+            Err(message) => {
+                eprintln!("roony: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -572,6 +585,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Simulate(_) => Err("`roony simulate` runs from main".into()),
         Command::Audit(_) => Err("`roony audit` runs from main".into()),
         Command::Admin(_) => Err("`roony admin` runs from main".into()),
+        Command::Secrets(_) => Err("`roony secrets` runs from main".into()),
         Command::Mcp(args) => {
             crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
                 .await

@@ -306,7 +306,8 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-fn aad(org_id: &str, field: &str) -> String {
+/// The associated data a stored token is sealed with.
+pub(crate) fn aad(org_id: &str, field: &str) -> String {
     format!("stripe_connections/{org_id}/{field}")
 }
 

@@ -83,7 +83,7 @@ mod dashboard_b;
 mod reconcile;
 mod relay;
 mod stripe;
-pub use connect::{ConnectionRow, StoredTokens};
+pub use connect::{ConnectionRow, ResealedRow, SealedRow, StoredTokens};
 pub use dashboard_a::{AgentFacts, AuditPageFilter, CurrencyAmount, SpendRow};
 pub use dashboard_b::{
     AdminDecisionRow, CardRecord, PolicySummary, SettlementRecord, TxFilter, TxRow,

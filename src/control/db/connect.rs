@@ -85,7 +85,110 @@ fn connection(r: &AnyRow) -> Result<ConnectionRow, DbError> {
 const COLUMNS: &str = "org_id, mode, account_id, access_token, refresh_token, key_id, scope, \
     livemode, status, connected_at, refreshed_at, disconnected_at, disconnect_reason";
 
+/// The sealed values of one stored connection (rotation reports and resealing).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub org_id: String,
+    /// The key id the row says sealed it.
+    pub key_id: Option<String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+}
+
+impl std::fmt::Debug for SealedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRow")
+            .field("org_id", &self.org_id)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A row's values sealed again with the current key; `old` is what was read (the update
+/// applies only if the row still holds it).
+#[derive(Clone)]
+pub struct ResealedRow {
+    pub old: SealedRow,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub key_id: String,
+}
+
 impl ControlDb {
+    /// Every stored connection holding a sealed value, by organization.
+    pub async fn sealed_stripe_tokens(&self) -> Result<Vec<SealedRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT org_id, key_id, access_token, refresh_token FROM stripe_connections \
+             WHERE access_token IS NOT NULL OR refresh_token IS NOT NULL ORDER BY org_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SealedRow {
+                    org_id: r.try_get("org_id")?,
+                    key_id: r.try_get("key_id")?,
+                    access_token: r.try_get("access_token")?,
+                    refresh_token: r.try_get("refresh_token")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores resealed values, all rows in one transaction with one audit event
+    /// (`secrets.reseal`). A row that changed since it was read (a connect, refresh or
+    /// disconnect meanwhile) aborts everything: `Conflict`.
+    pub async fn reseal_stripe_tokens(
+        &self,
+        rows: &[ResealedRow],
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.tx().await?;
+        let mut from: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in rows {
+            let n = sqlx::query(
+                "UPDATE stripe_connections SET access_token = $1, refresh_token = $2, key_id = $3, \
+                 updated_at = $4 WHERE org_id = $5 AND COALESCE(access_token, '') = $6 \
+                 AND COALESCE(refresh_token, '') = $7",
+            )
+            .bind(r.access_token.clone())
+            .bind(r.refresh_token.clone())
+            .bind(r.key_id.clone())
+            .bind(now)
+            .bind(r.old.org_id.clone())
+            .bind(r.old.access_token.clone().unwrap_or_default())
+            .bind(r.old.refresh_token.clone().unwrap_or_default())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                tx.rollback().await?;
+                return Err(DbError::Conflict(format!(
+                    "the stripe connection of {} changed meanwhile; run it again",
+                    r.old.org_id
+                )));
+            }
+            *from
+                .entry(r.old.key_id.clone().unwrap_or_else(|| "(none)".into()))
+                .or_default() += 1;
+        }
+        let key_id = rows.first().map(|r| r.key_id.clone()).unwrap_or_default();
+        Self::audit(
+            &mut tx,
+            actor,
+            "secrets.reseal",
+            "secrets_key",
+            &key_id,
+            serde_json::json!({"rows": rows.len(), "key_id": key_id, "from": from,
+                "organizations": rows.iter().map(|r| r.old.org_id.clone()).collect::<Vec<_>>()}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Replaces the Stripe credentials (see `connect::ControlDb::with_stripe_credentials`).
     pub(crate) fn set_stripe_setup(mut self, setup: crate::control::connect::StripeSetup) -> Self {
         self.stripe_setup = std::sync::Arc::new(setup);

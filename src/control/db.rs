@@ -2249,7 +2249,9 @@ impl ControlDb {
              ON CONFLICT (id) DO UPDATE SET \
              status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
                  THEN intents.status WHEN intents.status = 'settled' THEN intents.status ELSE excluded.status END, \
-             amount = excluded.amount, currency = excluded.currency, merchant_name = excluded.merchant_name, \
+             amount = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.amount ELSE excluded.amount END, \
+             currency = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.currency ELSE excluded.currency END, \
+             merchant_name = excluded.merchant_name, \
              merchant_domain = excluded.merchant_domain, merchant_country = excluded.merchant_country, \
              merchant_category = excluded.merchant_category, expires_at = excluded.expires_at, \
              description = excluded.description, \

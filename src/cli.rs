@@ -45,6 +45,10 @@ pub enum Command {
     /// Dashboard users: `roony admin create --email … [--role admin|viewer]` (password on stdin).
     #[command(subcommand)]
     Admin(crate::control::admin_cli::AdminCommand),
+    /// The key sealing stored Stripe tokens: `roony secrets status`, `roony secrets reseal`
+    /// (rotation; docs/stripe-credentials.md).
+    #[command(subcommand)]
+    Secrets(crate::control::secrets_cli::SecretsCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -82,10 +86,7 @@ impl StripeArgs {
                 Ok(c)
             }
             None => match (control_plane_url, sidecar_token) {
-                (Some(url), Some(token)) => Ok(StripeConfig::new(
-                    token,
-                    Some(relay_base_url(url)),
-                )),
+                (Some(url), Some(token)) => Ok(StripeConfig::relay(url, token)),
                 _ => Err(
                     "give --stripe-api-key, or --control-plane-url and --sidecar-token to issue through the control plane"
                         .into(),
@@ -97,11 +98,9 @@ impl StripeArgs {
 
 /// The base URL of a control plane's issuing relay for async-stripe (`…/stripe/`).
 pub fn relay_base_url(control_plane_url: &str) -> String {
-    format!(
-        "{}{}/",
-        control_plane_url.trim_end_matches('/'),
-        crate::control::relay::BASE
-    )
+    StripeConfig::relay(control_plane_url, String::new())
+        .base_url
+        .unwrap_or_default()
 }
 
 #[derive(Args, Debug)]
@@ -465,6 +464,15 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Secrets(command) = &cli.command {
+        return match runtime.block_on(crate::control::secrets_cli::run(command)) {
+            Ok(code) => ExitCode::from(code),
+            Err(message) => {
+                eprintln!("roony: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -588,6 +596,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Simulate(_) => Err("`roony simulate` runs from main".into()),
         Command::Audit(_) => Err("`roony audit` runs from main".into()),
         Command::Admin(_) => Err("`roony admin` runs from main".into()),
+        Command::Secrets(_) => Err("`roony secrets` runs from main".into()),
         Command::Mcp(args) => {
             crate::mcp::bridge::run(&args.sidecar_url, std::env::var("ROONY_AGENT_KEY").ok())
                 .await

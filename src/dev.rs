@@ -213,10 +213,9 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     let stripe = match (&control, &seeded) {
         // Synced: cards come through the control plane's issuing relay with the sidecar
         // token; no Stripe key on the sidecar.
-        (Some((addr, _)), Some(seeded)) => StripeConfig::new(
-            seeded.sidecar_token.clone(),
-            Some(crate::cli::relay_base_url(&format!("http://{addr}"))),
-        ),
+        (Some((addr, _)), Some(seeded)) => {
+            StripeConfig::relay(&format!("http://{addr}"), seeded.sidecar_token.clone())
+        }
         _ => StripeConfig::new(DEV_STRIPE_KEY, Some(format!("http://{emulator_addr}"))),
     };
     let config = SidecarConfig {

@@ -235,7 +235,251 @@ on_both!(
     denied,
     deauthorized_webhook,
     relay_end_to_end,
+    late_or_foreign_deauthorizations,
+    disconnect_when_stripe_refuses,
+    grants_must_be_read_write,
+    refused_credential_disconnects,
 );
+
+impl Ctx {
+    /// Delivers a signed event straight to the control plane (as Stripe would).
+    async fn deliver(&self, event: &Value) -> (u16, Value) {
+        let body = event.to_string();
+        let t = now();
+        let sig = hex_lower(&roony::sync::wire::hmac_sha256(
+            WHSEC.as_bytes(),
+            format!("{t}.{body}").as_bytes(),
+        ));
+        let r = self
+            .http
+            .post(format!("{}/api/webhooks/stripe", self.cp))
+            .header("stripe-signature", format!("t={t},v1={sig}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The owner revokes the platform's access at Stripe, with no event delivered.
+    async fn revoke_quietly(&self, account: &str) {
+        self.emu.set_webhook(None);
+        let r = self
+            .http
+            .post(format!("{}/oauth/deauthorize", self.emu_url))
+            .bearer_auth(PLATFORM_KEY)
+            .form(&[("client_id", CLIENT_ID), ("stripe_user_id", account)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn audit(&self, action: &str) -> Vec<roony::control::model::AuditEvent> {
+        self.db
+            .list_audit_events(Some(("organization", &self.org)), 200)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == action)
+            .collect()
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn deauthorized(account: &str, created: i64, object: Value) -> Value {
+    json!({
+        "id": format!("evt_{}", common::unique()),
+        "object": "event",
+        "type": "account.application.deauthorized",
+        "account": account,
+        "created": created,
+        "livemode": false,
+        "data": {"object": object}
+    })
+}
+
+/// A late `account.application.deauthorized` (about a connection older than the current
+/// one) and events about another application leave the connection alone.
+async fn late_or_foreign_deauthorizations(ctx: Ctx) {
+    let status = ctx.connect("session-a").await;
+    let account = status.account_id.clone().unwrap();
+    let connected_at = status.connected_at.unwrap();
+    let app = json!({"id": CLIENT_ID, "object": "application", "name": "Roony"});
+    for (what, event) in [
+        (
+            "an event from before the connection",
+            deauthorized(&account, connected_at - 60, app.clone()),
+        ),
+        (
+            "another application",
+            deauthorized(
+                &account,
+                connected_at + 1,
+                json!({"id": "ca_someoneelse", "object": "application"}),
+            ),
+        ),
+        (
+            "not an application",
+            deauthorized(
+                &account,
+                connected_at + 1,
+                json!({"id": CLIENT_ID, "object": "account"}),
+            ),
+        ),
+    ] {
+        let (code, body) = ctx.deliver(&event).await;
+        assert_eq!(code, 200, "{what}: {body}");
+        assert_eq!(
+            connect::status(&ctx.db, &ctx.org).await.unwrap().status,
+            "connected",
+            "{what}"
+        );
+    }
+    // The real one applies.
+    let (code, body) = ctx
+        .deliver(&deauthorized(&account, connected_at + 1, app))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let gone = connect::status(&ctx.db, &ctx.org).await.unwrap();
+    assert_eq!(
+        (gone.status.as_str(), gone.disconnect_reason.as_deref()),
+        ("disconnected", Some("deauthorized"))
+    );
+}
+
+/// Stripe says the platform is not connected (the owner revoked access and the event was
+/// lost): the disconnect happens locally all the same, and says what Stripe said.
+async fn disconnect_when_stripe_refuses(ctx: Ctx) {
+    let status = ctx.connect("session-a").await;
+    let account = status.account_id.clone().unwrap();
+    ctx.revoke_quietly(&account).await;
+    assert!(
+        connect::status(&ctx.db, &ctx.org)
+            .await
+            .unwrap()
+            .is_connected()
+    );
+    let out = connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
+        .await
+        .unwrap();
+    assert_eq!(out.status.status, "disconnected");
+    let said = out.stripe_error.clone().unwrap();
+    assert!(said.starts_with("invalid_client"), "{said}");
+    let notes = ctx.audit("stripe.deauthorize").await;
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].outcome, "failure");
+    assert!(
+        notes[0].details["stripe_said"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
+        "{:?}",
+        notes[0].details
+    );
+    // Stripe cannot be reached at all: still disconnected locally (issuing stops).
+    ctx.connect("session-a").await;
+    let mut broken = ctx.db.stripe_setup().clone();
+    if let StripeCredentials::Connect(c) = &mut broken.credentials {
+        c.connect_base_url = "http://127.0.0.1:9".into();
+    }
+    let db = ctx.db.clone().with_stripe_credentials(broken);
+    let out = connect::disconnect(&db, &ctx.org, &admin(), now())
+        .await
+        .unwrap();
+    assert_eq!(out.status.status, "disconnected");
+    assert!(out.stripe_error.is_some());
+    assert!(matches!(
+        connect::issuing_credential(&ctx.db, &ctx.org).await,
+        Err(ConnectError::Disconnected)
+    ));
+}
+
+/// A grant Roony cannot use (read-only) is refused and given back to Stripe.
+async fn grants_must_be_read_write(ctx: Ctx) {
+    let url = connect::begin(&ctx.db, &ctx.org, "session-a", now())
+        .await
+        .unwrap();
+    assert!(url.contains("scope=read%5Fwrite"), "{url}");
+    let url = url.replace("scope=read%5Fwrite", "scope=read_only");
+    let params = ctx.authorize(&url, "approve").await;
+    let e = connect::complete(&ctx.db, &ctx.org, "session-a", params, &admin(), now())
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.http_status()), ("oauth_grant_refused", 400));
+    assert!(e.to_string().contains("read_write"), "{e}");
+    assert_eq!(
+        connect::status(&ctx.db, &ctx.org).await.unwrap().status,
+        "not_connected"
+    );
+    // The refused grant was deauthorized at Stripe (its event is about an account this
+    // control plane never stored).
+    until(
+        Duration::from_secs(10),
+        "the refused grant deauthorized",
+        || async {
+            ctx.emu
+                .events()
+                .iter()
+                .any(|e| e.kind == "account.application.deauthorized")
+        },
+    )
+    .await;
+}
+
+/// Stripe refuses the relay's credential (401): the connection is marked disconnected,
+/// audited, so the bundle and the dashboard say so.
+async fn refused_credential_disconnects(ctx: Ctx) {
+    let http = Http(reqwest::Client::new());
+    let agent = format!("agt_rf{}", common::unique().to_lowercase());
+    let p = project(&http, &ctx.cp, &[agent.as_str()], 1_000_000).await;
+    let token = sidecar_token(&http, &ctx.cp, &p.id, "relay-sidecar").await;
+    let status = ctx.connect("session-a").await;
+    ctx.revoke_quietly(status.account_id.as_deref().unwrap())
+        .await;
+    let r = ctx
+        .http
+        .post(format!(
+            "{}/api/sync/v1/stripe/v1/issuing/cardholders",
+            ctx.cp
+        ))
+        .bearer_auth(&token)
+        .header("idempotency-key", "k-1")
+        .form(&[
+            ("name", "agent"),
+            ("billing[address][line1]", "1 Main St"),
+            ("billing[address][city]", "Springfield"),
+            ("billing[address][postal_code]", "12345"),
+            ("billing[address][country]", "US"),
+            ("metadata[roony_agent_id]", agent.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "stripe_account_disconnected", "{v}");
+    let gone = connect::status(&ctx.db, &ctx.org).await.unwrap();
+    assert_eq!(
+        (gone.status.as_str(), gone.disconnect_reason.as_deref()),
+        ("disconnected", Some("credential_refused"))
+    );
+    let audited = ctx.audit("stripe.disconnect").await;
+    assert_eq!(audited.len(), 1);
+    assert_eq!(audited[0].details["reason"], "credential_refused");
+    assert_eq!(
+        roony::control::connect::bundle_status(&ctx.db, &ctx.org)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("disconnected")
+    );
+}
 
 async fn full_flow(ctx: Ctx) {
     let before = connect::status(&ctx.db, &ctx.org).await.unwrap();
@@ -283,7 +527,8 @@ async fn full_flow(ctx: Ctx) {
     // Disconnect: deauthorized at the emulator, which then sends the event (a no-op now).
     let gone = connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(gone.status, "disconnected");
     // The emulator's event may overtake the admin's write (then it is `deauthorized`).
     let reason = gone.disconnect_reason.clone().unwrap();
@@ -377,6 +622,14 @@ async fn state_is_bound_single_use_and_expiring(ctx: Ctx) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), "invalid_oauth_state");
+    // While connected, no other connection can be started or completed.
+    let e = connect::begin(&ctx.db, &ctx.org, "session-a", now())
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.http_status()), ("already_connected", 409));
+    connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
+        .await
+        .unwrap();
     // An expired state is refused.
     let t0 = now();
     let url = connect::begin(&ctx.db, &ctx.org, "session-a", t0)
@@ -400,6 +653,14 @@ async fn state_is_bound_single_use_and_expiring(ctx: Ctx) {
     connect::complete(&ctx.db, &ctx.org, "s", params.clone(), &admin(), now())
         .await
         .unwrap();
+    // A flow begun before the organization got connected cannot complete now.
+    let url = connect::begin(&ctx.db, &ctx.org, "s", now()).await;
+    assert_eq!(url.unwrap_err().code(), "already_connected");
+    connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
+        .await
+        .unwrap();
+    let url = connect::begin(&ctx.db, &ctx.org, "s", now()).await.unwrap();
+    let late = ctx.authorize(&url, "approve").await;
     let url = connect::begin(&ctx.db, &ctx.org, "s", now()).await.unwrap();
     let mut replay = ctx.authorize(&url, "approve").await;
     replay.code = params.code;
@@ -407,6 +668,11 @@ async fn state_is_bound_single_use_and_expiring(ctx: Ctx) {
         Err(ConnectError::Exchange { error, .. }) => assert_eq!(error, "invalid_grant"),
         other => panic!("expected invalid_grant, got {other:?}"),
     }
+    connect::complete(&ctx.db, &ctx.org, "s", late.clone(), &admin(), now())
+        .await
+        .unwrap();
+    let url = connect::begin(&ctx.db, &ctx.org, "s", now()).await;
+    assert!(url.is_err());
     // No state, no session.
     let e = connect::complete(
         &ctx.db,
@@ -567,10 +833,7 @@ async fn relay_end_to_end(ctx: Ctx) {
     let config = roony::sidecar::SidecarConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("sidecar"),
-        stripe: roony::issuer::StripeConfig::new(
-            token.clone(),
-            Some(roony::cli::relay_base_url(&ctx.cp)),
-        ),
+        stripe: roony::issuer::StripeConfig::relay(&ctx.cp, token.clone()),
         billing: Default::default(),
         mcp: roony::mcp::http::McpHttpConfig::default(),
         rate_limits: roony::ratelimit::RateLimitConfig::disabled(),
@@ -659,6 +922,11 @@ async fn relay_end_to_end(ctx: Ctx) {
             ("currency".to_string(), "usd".to_string()),
             ("type".into(), "virtual".into()),
             ("cardholder".into(), "ich_x".into()),
+            ("status".into(), "active".into()),
+            (
+                "lifecycle_controls[cancel_after][payment_count]".into(),
+                "1".into(),
+            ),
             ("metadata[roony_agent_id]".into(), agent.clone()),
             ("metadata[roony_intent_id]".into(), "pur_forged".into()),
             (
@@ -790,11 +1058,50 @@ async fn relay_end_to_end(ctx: Ctx) {
         .unwrap();
     assert_eq!(r.status(), 400);
 
-    // Disconnected: the relay answers stripe_account_disconnected, and once the bundle
-    // says so the sidecar declines up front.
-    connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
+    // Disconnected: first the organization's live cards are canceled (audited), then the
+    // relay answers stripe_account_disconnected, and once the bundle says so the sidecar
+    // declines up front.
+    let credential = connect::issuing_credential(&ctx.db, &ctx.org)
         .await
         .unwrap();
+    let out = connect::disconnect(&ctx.db, &ctx.org, &admin(), now())
+        .await
+        .unwrap();
+    assert_eq!(out.canceled_cards, vec![card_id.to_string()], "{out:?}");
+    assert!(
+        out.cancel_failures.is_empty() && out.stripe_error.is_none(),
+        "{out:?}"
+    );
+    // The token is revoked now: the platform reads the connected account's card.
+    let (code, _) = ctx
+        .stripe_get(&credential.api_key, &format!("issuing/cards/{card_id}"))
+        .await;
+    assert_eq!(code, 401);
+    let card: Value = ctx
+        .http
+        .get(format!("{}/v1/issuing/cards/{card_id}", ctx.emu_url))
+        .bearer_auth(PLATFORM_KEY)
+        .header("stripe-account", &account)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(card["status"], "canceled", "{card}");
+    let cards_audit = ctx.audit("stripe.disconnect.cards").await;
+    assert_eq!(cards_audit.len(), 1);
+    assert_eq!(cards_audit[0].details["canceled"], json!([card_id]));
+    let intent_id = body["id"].as_str().unwrap();
+    assert!(
+        ctx.db
+            .relay_card(intent_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .canceled_at
+            .is_some()
+    );
     let r = ctx
         .http
         .post(relay("issuing/cards"))

@@ -149,3 +149,71 @@ async fn dev_starts_the_control_plane() {
     assert!(stop(&mut child).success());
     assert!(data.join("control-plane").join("control.db").exists());
 }
+
+/// With request tracing on, the control plane's log names paths, never queries: the OAuth
+/// callback's `code` and `state` stay out of it.
+#[tokio::test]
+async fn request_spans_log_paths_not_queries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stderr_path = tmp.path().join("stderr.log");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_roony"))
+            .args(["control-plane", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("cp"))
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let base = url_after(&wait_for(&stderr_path, "control plane listening on"));
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!(
+            "{base}/stripe/callback?code=ac_LEAKCHECKcode0123456789&state=statesecret0123456789abcdef"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection() || r.status().is_client_error());
+    let _ = client
+        .get(format!("{base}/healthz?probe=querymarker0123456789"))
+        .send()
+        .await
+        .unwrap();
+    // The span of the request is in the log, with its path.
+    wait_for(&stderr_path, "/healthz");
+    assert!(stop(&mut child).success());
+    let log = strip_ansi(&std::fs::read_to_string(&stderr_path).unwrap());
+    assert!(log.contains("path=/stripe/callback"), "{log}");
+    assert!(log.contains("path=/healthz"), "{log}");
+    for secret in [
+        "LEAKCHECKcode0123456789",
+        "statesecret0123456789abcdef",
+        "querymarker0123456789",
+    ] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+/// The text without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -758,3 +758,185 @@ async fn reset_clears_everything() {
     let listed = ListIssuingCard::new().send(&client).await.expect("list");
     assert!(listed.data.is_empty());
 }
+
+/// Connect OAuth tokens like Stripe's: a random publishable key, Bearer or Basic auth,
+/// revocation for good (also when the same account connects again), Stripe's 401 shapes,
+/// and error descriptions that never repeat codes or tokens.
+#[tokio::test]
+async fn oauth_tokens_are_revoked_for_good() {
+    let emu = Running::start().await;
+    let platform = "sk_test_platform";
+    let authorize = |account: Option<&str>| {
+        let mut url = format!(
+            "{}/oauth/authorize?response_type=code&client_id=ca_test&scope=read_write&redirect_uri=http://127.0.0.1:1/cb&state=s&auto=approve",
+            emu.base
+        );
+        if let Some(a) = account {
+            url.push_str(&format!("&stripe_user_id={a}"));
+        }
+        url
+    };
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let code_of = |location: &str| {
+        location
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("code="))
+            .unwrap()
+            .to_string()
+    };
+    let token = |form: Vec<(&'static str, String)>| {
+        let http = emu.http.clone();
+        let base = emu.base.clone();
+        async move {
+            let r = http
+                .post(format!("{base}/oauth/token"))
+                .bearer_auth(platform)
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let connect = |account: Option<&'static str>| {
+        let no_redirect = no_redirect.clone();
+        let url = authorize(account);
+        let token = &token;
+        async move {
+            let r = no_redirect.get(url).send().await.unwrap();
+            let code = code_of(r.headers()["location"].to_str().unwrap());
+            let (status, v) = token(vec![
+                ("grant_type", "authorization_code".into()),
+                ("code", code.clone()),
+            ])
+            .await;
+            assert_eq!(status, 200, "{v}");
+            (code, v)
+        }
+    };
+    let get = |auth: reqwest::RequestBuilder| async move {
+        let r = auth.send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let cards = format!("{}/v1/issuing/cards?limit=1", emu.base);
+
+    let (code, first) = connect(None).await;
+    let access = first["access_token"].as_str().unwrap().to_string();
+    let refresh = first["refresh_token"].as_str().unwrap().to_string();
+    let account = first["stripe_user_id"].as_str().unwrap().to_string();
+    let pk = first["stripe_publishable_key"].as_str().unwrap();
+    assert!(pk.starts_with("pk_test_"));
+    assert!(
+        !access.ends_with(&pk["pk_test_".len()..]),
+        "not derived from the token"
+    );
+    // Bearer and Basic (the key as user name) both act on the connected account.
+    let (status, _) = get(emu.http.get(&cards).bearer_auth(&access)).await;
+    assert_eq!(status, 200);
+    let (status, _) = get(emu.http.get(&cards).basic_auth(&access, None::<&str>)).await;
+    assert_eq!(status, 200);
+    // A code is single-use, and the error does not repeat it.
+    let (status, v) = token(vec![
+        ("grant_type", "authorization_code".into()),
+        ("code", code.clone()),
+    ])
+    .await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(!v.to_string().contains(&code), "{v}");
+    // Refresh: a new access token; the old one stays valid (not rotation).
+    let (status, refreshed) = token(vec![
+        ("grant_type", "refresh_token".into()),
+        ("refresh_token", refresh.clone()),
+    ])
+    .await;
+    assert_eq!(status, 200, "{refreshed}");
+    let access2 = refreshed["access_token"].as_str().unwrap().to_string();
+    assert_ne!(access2, access);
+    assert_eq!(
+        refreshed["stripe_publishable_key"],
+        first["stripe_publishable_key"]
+    );
+    let (status, _) = get(emu.http.get(&cards).bearer_auth(&access)).await;
+    assert_eq!(status, 200);
+
+    // Deauthorized: every token of the connection is refused, Stripe's way.
+    let r = emu
+        .http
+        .post(format!("{}/oauth/deauthorize", emu.base))
+        .bearer_auth(platform)
+        .form(&[
+            ("client_id", "ca_test"),
+            ("stripe_user_id", account.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for t in [&access, &access2] {
+        let (status, v) = get(emu.http.get(&cards).bearer_auth(t)).await;
+        assert_eq!(status, 401, "{v}");
+        assert_eq!(v["error"]["code"], "api_key_expired", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(!v.to_string().contains(t.as_str()), "{v}");
+    }
+    let (status, v) = token(vec![
+        ("grant_type", "refresh_token".into()),
+        ("refresh_token", refresh.clone()),
+    ])
+    .await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert!(!v.to_string().contains(&refresh), "{v}");
+    // Deauthorizing again: invalid_client, without echoing the account.
+    let r = emu
+        .http
+        .post(format!("{}/oauth/deauthorize", emu.base))
+        .bearer_auth(platform)
+        .form(&[
+            ("client_id", "ca_test"),
+            ("stripe_user_id", account.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "invalid_client");
+
+    // The same account connects again: new tokens; the old ones stay revoked.
+    let account_static: &'static str = Box::leak(account.clone().into_boxed_str());
+    let (_, again) = connect(Some(account_static)).await;
+    assert_eq!(again["stripe_user_id"], account.as_str());
+    let access3 = again["access_token"].as_str().unwrap();
+    assert!(![&access, &access2].contains(&&access3.to_string()));
+    assert_ne!(
+        again["stripe_publishable_key"],
+        first["stripe_publishable_key"]
+    );
+    let (status, _) = get(emu.http.get(&cards).bearer_auth(access3)).await;
+    assert_eq!(status, 200);
+    let (status, v) = get(emu.http.get(&cards).bearer_auth(&access)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("api_key_expired"))
+    );
+    // An OAuth token the emulator never issued is not a platform key.
+    let (status, v) = get(emu
+        .http
+        .get(&cards)
+        .bearer_auth("sk_test_oauthNEVERISSUEDxxxxxxxxxxxxxxxxxxxxx"))
+    .await;
+    assert_eq!(status, 401, "{v}");
+    // Nor can a revoked token authenticate the OAuth endpoints as a platform.
+    let r = emu
+        .http
+        .post(format!("{}/oauth/token", emu.base))
+        .bearer_auth(&access)
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", "rt_x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

@@ -1599,6 +1599,22 @@ async fn bundle_carries_budgets_and_approvals(ctx: Arc<Ctx>) {
     assert_eq!(intent["status"], "approved");
     assert_eq!(intent["sidecar_status"], "approved");
     assert_eq!(intent["decision_id"], admin_decision);
+    // What the administrator approved stays what was approved: a later report cannot
+    // raise the amount or change the currency (the relay checks cards against it).
+    let mut raised = snapshot("pur_ap", "agt_sync", 5, "approved");
+    raised.amount = 99_000;
+    raised.currency = "EUR".into();
+    ctx.send_events(&s.token, &[event("intent.issued", raised)])
+        .await;
+    let intent = ctx.get("/intents/pur_ap").await;
+    assert_eq!(
+        (
+            intent["amount"].as_i64(),
+            intent["currency"].as_str(),
+            intent["version"].as_i64()
+        ),
+        (Some(2_500), Some("USD"), Some(5))
+    );
     assert_eq!(
         card_of(&ctx, "pur_ap").await,
         Some(("active".into(), "4242".into()))

@@ -220,14 +220,18 @@ pub fn verify<'a>(
 pub const REDACTED: &str = "[redacted]";
 
 /// Prefixes of Roony's and Stripe's secrets (agent keys, admin tokens, sidecar tokens,
-/// webhook secrets, Stripe secret and restricted keys).
+/// setup links, webhook secrets, Stripe secret and restricted keys, Connect refresh tokens
+/// and authorization codes).
 pub const SECRET_PREFIXES: &[&str] = &[
     "roony_ak_",
     "roony_at_",
     "roony_st_",
+    "roony_setup_",
     "whsec_",
     "sk_",
     "rk_",
+    "rt_",
+    "ac_",
 ];
 
 /// Object keys whose values are never kept (card numbers, CVCs, keys, tokens).

@@ -2161,7 +2161,20 @@ pub fn router_with_dashboard(
             )
             .into_response()
         }))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // The span records the path only: a query can carry secrets (the OAuth callback's
+        // `code` and `state`).
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<axum::body::Body>| {
+                    tracing::debug_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        version = ?req.version(),
+                    )
+                },
+            ),
+        )
         // Outermost: sees every response (panics and body-limit rejections included).
         .layer(axum::middleware::from_fn_with_state(
             audit,

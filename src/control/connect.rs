@@ -12,7 +12,7 @@
 //! pub async fn refresh(db: &ControlDb, org_id: &str, actor: &Actor, now: i64)
 //!     -> Result<ConnectionStatus, ConnectError>
 //! pub async fn disconnect(db: &ControlDb, org_id: &str, actor: &Actor, now: i64)
-//!     -> Result<ConnectionStatus, ConnectError>
+//!     -> Result<DisconnectOutcome, ConnectError>
 //! pub async fn issuing_credential(db: &ControlDb, org_id: &str)
 //!     -> Result<IssuingCredential, ConnectError>   // the relay's credential
 //! ```
@@ -27,9 +27,16 @@
 //!   `POST {connect_base_url}/oauth/token` (platform key as Bearer) and the connected account
 //!   id and the tokens, sealed with the secrets key (`secrets.rs`), are stored with an audit
 //!   event in one transaction.
-//! - `refresh` uses the refresh token (`grant_type=refresh_token`) and stores the new tokens.
-//! - `disconnect` deauthorizes at Stripe (`POST /oauth/deauthorize`) and marks the
-//!   connection disconnected, also when Stripe says the account is no longer connected.
+//!   `begin` and `complete` refuse (`already_connected`) while the organization is
+//!   connected; a grant that is not `read_write` or not in the platform key's mode is
+//!   refused (`oauth_grant_refused`) and deauthorized again.
+//! - `refresh` uses the refresh token (`grant_type=refresh_token`) and stores the new tokens
+//!   (same checks).
+//! - `disconnect` marks the connection disconnected locally first, cancels the
+//!   organization's cards that may still be active, then deauthorizes at Stripe
+//!   (`POST /oauth/deauthorize`), reporting what Stripe said if it refuses.
+//! - `credential_refused`: the relay got a 401 with the stored token; that connection is
+//!   marked disconnected.
 //!
 //! Tokens never leave this module in plaintext except as the relay's forwarding credential;
 //! `ConnectionStatus` carries no token, and every type holding one redacts its `Debug`.
@@ -220,6 +227,9 @@ pub struct IssuingCredential {
     pub api_key: String,
     /// `Stripe-Account` to send (direct mode with an account).
     pub account: Option<String>,
+    /// Connect: the stored connection the token belongs to (account id, connected at), so
+    /// that a refusal by Stripe disconnects that connection and not a newer one.
+    pub connection: Option<(String, i64)>,
 }
 
 impl std::fmt::Debug for IssuingCredential {
@@ -248,6 +258,10 @@ pub enum ConnectError {
     NotConnected,
     #[error("the organization's stripe account is disconnected")]
     Disconnected,
+    #[error("a stripe account is already connected; disconnect it first to connect another")]
+    AlreadyConnected,
+    #[error("stripe's grant cannot be used: {0}")]
+    GrantRefused(String),
     #[error("stored credentials cannot be opened: {0}")]
     Secrets(#[from] SecretsError),
     #[error("storage: {0}")]
@@ -266,6 +280,8 @@ impl ConnectError {
             ConnectError::Unavailable(_) => "stripe_unavailable",
             ConnectError::NotConnected => "not_connected",
             ConnectError::Disconnected => "stripe_account_disconnected",
+            ConnectError::AlreadyConnected => "already_connected",
+            ConnectError::GrantRefused(_) => "oauth_grant_refused",
             ConnectError::Secrets(_) => "secrets_unreadable",
             ConnectError::Storage(_) => "storage",
         }
@@ -277,7 +293,10 @@ impl ConnectError {
             ConnectError::NotConfigured | ConnectError::SecretsKeyMissing => 409,
             ConnectError::InvalidState | ConnectError::Denied(_) => 400,
             ConnectError::Exchange { .. } | ConnectError::Unavailable(_) => 502,
-            ConnectError::NotConnected | ConnectError::Disconnected => 409,
+            ConnectError::NotConnected
+            | ConnectError::Disconnected
+            | ConnectError::AlreadyConnected => 409,
+            ConnectError::GrantRefused(_) => 400,
             ConnectError::Secrets(_) | ConnectError::Storage(_) => 500,
         }
     }
@@ -287,7 +306,8 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-fn aad(org_id: &str, field: &str) -> String {
+/// The associated data a stored token is sealed with.
+pub(crate) fn aad(org_id: &str, field: &str) -> String {
     format!("stripe_connections/{org_id}/{field}")
 }
 
@@ -381,6 +401,9 @@ pub async fn begin(
         return Err(ConnectError::InvalidState);
     }
     db.get_org(org_id).await?;
+    if is_connected(db, org_id).await? {
+        return Err(ConnectError::AlreadyConnected);
+    }
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     let state = hex::encode(raw);
@@ -465,7 +488,7 @@ async fn oauth_post(
         Ok(OAuthErrorBody {
             error: serde_json::Value::String(e),
             error_description,
-        }) => (e, error_description.unwrap_or_default()),
+        }) => (e, scrub(&error_description.unwrap_or_default())),
         Ok(OAuthErrorBody { error, .. }) => (
             error
                 .get("code")
@@ -473,15 +496,78 @@ async fn oauth_post(
                 .and_then(|v| v.as_str())
                 .unwrap_or("invalid_request")
                 .to_string(),
-            error
-                .get("message")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string(),
+            scrub(
+                error
+                    .get("message")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default(),
+            ),
         ),
         Err(_) => (format!("http_{}", status.as_u16()), String::new()),
     };
-    Err(ConnectError::Exchange { error, description })
+    Err(ConnectError::Exchange {
+        error: scrub(&error),
+        description,
+    })
+}
+
+/// Stripe's (or a callback's) text without anything that looks like a secret (`sk_…`,
+/// `rk_…`, `rt_…`, `ac_…`, …): it is shown in the dashboard and written to logs.
+fn scrub(text: &str) -> String {
+    crate::audit::scrub_str(text).chars().take(500).collect()
+}
+
+async fn is_connected(db: &ControlDb, org_id: &str) -> Result<bool, ConnectError> {
+    Ok(db
+        .stripe_connection(org_id)
+        .await?
+        .is_some_and(|r| r.status == "connected"))
+}
+
+/// Whether the platform's key is a live-mode key (`sk_live_…`, `rk_live_…`).
+fn platform_livemode(config: &ConnectConfig) -> bool {
+    let key = config.platform_secret_key.as_str();
+    key.starts_with("sk_live_") || key.starts_with("rk_live_")
+}
+
+/// A grant Roony can use: `read_write` scope, in the platform key's mode.
+fn check_grant(config: &ConnectConfig, tokens: &TokenResponse) -> Result<(), ConnectError> {
+    if tokens.scope.as_deref() != Some("read_write") {
+        return Err(ConnectError::GrantRefused(format!(
+            "stripe granted scope {}, roony needs read_write",
+            tokens
+                .scope
+                .as_deref()
+                .map_or_else(|| "(none)".into(), scrub)
+        )));
+    }
+    let live = platform_livemode(config);
+    if tokens.livemode != live {
+        return Err(ConnectError::GrantRefused(format!(
+            "the grant is for {} mode but the platform key is a {} key",
+            if tokens.livemode { "live" } else { "test" },
+            if live { "live" } else { "test" }
+        )));
+    }
+    Ok(())
+}
+
+/// Best effort: deauthorizes a connection Stripe just made that Roony will not use.
+async fn drop_grant(db: &ControlDb, config: &ConnectConfig, account: &str) {
+    if let Err(e) = oauth_post(
+        db,
+        config,
+        "/oauth/deauthorize",
+        &[
+            ("client_id", &config.client_id),
+            ("stripe_user_id", account),
+        ],
+    )
+    .await
+    {
+        tracing::warn!(account = %account, code = e.code(), error = %e,
+            "could not deauthorize a grant roony refused");
+    }
 }
 
 fn parse_tokens(value: serde_json::Value) -> Result<TokenResponse, ConnectError> {
@@ -538,12 +624,19 @@ pub async fn complete(
     }
     if let Some(error) = params.error.as_deref() {
         if error == "access_denied" {
-            return Err(ConnectError::Denied(params.error_description));
+            return Err(ConnectError::Denied(
+                params.error_description.as_deref().map(scrub),
+            ));
         }
         return Err(ConnectError::Exchange {
-            error: error.to_string(),
-            description: params.error_description.unwrap_or_default(),
+            error: scrub(error),
+            description: scrub(&params.error_description.unwrap_or_default()),
         });
+    }
+    // Connecting another account would silently replace the one in use (and leave its
+    // cards behind): disconnect first.
+    if is_connected(db, org_id).await? {
+        return Err(ConnectError::AlreadyConnected);
     }
     let Some(code) = params.code.as_deref().filter(|c| !c.is_empty()) else {
         return Err(ConnectError::Exchange {
@@ -559,10 +652,23 @@ pub async fn complete(
     )
     .await?;
     let tokens = parse_tokens(answer)?;
+    if let Err(e) = check_grant(config, &tokens) {
+        drop_grant(db, config, &tokens.stripe_user_id).await;
+        return Err(e);
+    }
     let stored = seal(secrets, org_id, &tokens)?;
-    let row = db
+    let row = match db
         .store_stripe_tokens(org_id, &stored, false, actor, now)
-        .await?;
+        .await
+    {
+        Ok(row) => row,
+        Err(DbError::Conflict(_)) => {
+            // Another flow connected meanwhile: this grant is not used.
+            drop_grant(db, config, &tokens.stripe_user_id).await;
+            return Err(ConnectError::AlreadyConnected);
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(org = %org_id, account = %tokens.stripe_user_id, "stripe account connected");
     Ok(status_of(org_id, "connect", Some(row)))
 }
@@ -603,6 +709,7 @@ pub async fn refresh(
     )
     .await?;
     let mut tokens = parse_tokens(answer)?;
+    check_grant(config, &tokens)?;
     // Stripe may keep the refresh token: store it again, sealed under the current key, so
     // the row's key id is true of both tokens (an operator retires old keys by it).
     if tokens.refresh_token.is_none() {
@@ -621,17 +728,58 @@ pub async fn refresh(
     Ok(status_of(org_id, "connect", Some(row)))
 }
 
-/// Deauthorizes the platform from the organization's account and marks it disconnected.
+/// What [`disconnect`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DisconnectOutcome {
+    pub status: ConnectionStatus,
+    /// Cards canceled at Stripe before deauthorizing.
+    pub canceled_cards: Vec<String>,
+    /// Cards that could not be canceled, with why.
+    pub cancel_failures: Vec<(String, String)>,
+    /// What Stripe answered to the deauthorization when it did not succeed (secrets
+    /// removed). The connection is disconnected locally all the same.
+    pub stripe_error: Option<String>,
+}
+
+/// Disconnects the organization's account: marks the connection disconnected first (tokens
+/// erased, so issuing stops even if Stripe cannot be reached), cancels every card of the
+/// organization that may still be active (the relay's and the Stripe ledger's) with the
+/// connection's token, then deauthorizes the platform at Stripe. Each step is audited
+/// (`stripe.disconnect`, `stripe.disconnect.cards`, `stripe.deauthorize`); a refusal by
+/// Stripe is reported as Stripe said it, never taken for "already disconnected".
 pub async fn disconnect(
     db: &ControlDb,
     org_id: &str,
     actor: &Actor,
     now: i64,
-) -> Result<ConnectionStatus, ConnectError> {
+) -> Result<DisconnectOutcome, ConnectError> {
     let config = connect_config(db)?;
     let row = connected_row(db.stripe_connection(org_id).await?)?;
     let account = row.account_id.clone().unwrap_or_default();
-    match oauth_post(
+    // Opened before the local disconnect erases it: the cards are canceled with it.
+    let credential = issuing_credential(db, org_id).await;
+    db.disconnect_stripe(org_id, "disconnected", actor, now)
+        .await?;
+    let cards = db.active_cards_of_org(org_id).await?;
+    let (canceled, failed) = match &credential {
+        Ok(c) => cancel_cards(db, c, &cards).await,
+        Err(e) => (
+            Vec::new(),
+            cards
+                .iter()
+                .map(|c| (c.clone(), format!("no usable credential ({})", e.code())))
+                .collect(),
+        ),
+    };
+    if !cards.is_empty() {
+        db.record_disconnect_cancels(org_id, &canceled, &failed, actor, now)
+            .await?;
+    }
+    if !failed.is_empty() {
+        tracing::error!(org = %org_id, failed = failed.len(),
+            "disconnect: some cards could not be canceled at stripe; cancel them in stripe's dashboard");
+    }
+    let stripe_error = match oauth_post(
         db,
         config,
         "/oauth/deauthorize",
@@ -642,19 +790,121 @@ pub async fn disconnect(
     )
     .await
     {
-        Ok(_) => {}
-        // Not connected to this platform any more (e.g. the owner revoked access first).
-        Err(ConnectError::Exchange { error, .. })
-            if error == "invalid_client" || error == "invalid_grant" =>
-        {
-            tracing::info!(org = %org_id, account = %account,
-                "stripe says the account is no longer connected; marking it disconnected");
+        Ok(_) => None,
+        Err(ConnectError::Exchange { error, description }) => {
+            Some(format!("{error}: {description}"))
         }
-        Err(e) => return Err(e),
+        Err(e) => Some(scrub(&e.to_string())),
+    };
+    match &stripe_error {
+        None => {
+            db.record_stripe_note(
+                org_id,
+                "stripe.deauthorize",
+                true,
+                serde_json::json!({"account_id": account}),
+                actor,
+                now,
+            )
+            .await?
+        }
+        Some(said) => {
+            tracing::warn!(org = %org_id, account = %account, stripe = %said,
+                "stripe did not confirm the deauthorization; the connection is disconnected locally");
+            db.record_stripe_note(
+                org_id,
+                "stripe.deauthorize",
+                false,
+                serde_json::json!({"account_id": account, "stripe_said": said}),
+                actor,
+                now,
+            )
+            .await?
+        }
     }
-    db.disconnect_stripe(org_id, "disconnected", actor, now)
-        .await?;
-    status(db, org_id).await
+    Ok(DisconnectOutcome {
+        status: status(db, org_id).await?,
+        canceled_cards: canceled,
+        cancel_failures: failed,
+        stripe_error,
+    })
+}
+
+/// Cancels `cards` at Stripe with `credential` (async-stripe, retried; a card already
+/// canceled counts as canceled): (canceled, failed with why).
+async fn cancel_cards(
+    db: &ControlDb,
+    credential: &IssuingCredential,
+    cards: &[String],
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut canceled = Vec::new();
+    let mut failed = Vec::new();
+    if cards.is_empty() {
+        return (canceled, failed);
+    }
+    let mut config = crate::issuer::StripeConfig::new(
+        credential.api_key.clone(),
+        Some(db.stripe_setup().api_base()),
+    );
+    config.account = credential.account.clone();
+    let issuer = match crate::issuer::Issuer::new(config) {
+        Ok(i) => i,
+        Err(e) => {
+            let why = scrub(&e.to_string());
+            return (
+                canceled,
+                cards.iter().map(|c| (c.clone(), why.clone())).collect(),
+            );
+        }
+    };
+    for card in cards {
+        match issuer.cancel_card(card).await {
+            Ok(()) => canceled.push(card.clone()),
+            // A card Stripe does not know cannot be used either.
+            Err(e) if e.is_not_found() => canceled.push(card.clone()),
+            Err(e) => failed.push((card.clone(), scrub(&e.to_string()))),
+        }
+    }
+    (canceled, failed)
+}
+
+/// Stripe refused the relay's credential (401): the connection it belongs to is marked
+/// disconnected (`credential_refused`, audited), so the bundle and the dashboard say so.
+/// A newer connection (reconnected meanwhile) is left alone.
+pub async fn credential_refused(
+    db: &ControlDb,
+    org_id: &str,
+    credential: &IssuingCredential,
+    now: i64,
+) {
+    let Some((account, connected_at)) = &credential.connection else {
+        return;
+    };
+    let actor = Actor {
+        kind: "system",
+        id: "relay".into(),
+        name: "issuing relay".into(),
+        request_id: None,
+    };
+    match db
+        .disconnect_stripe_connection(
+            org_id,
+            account,
+            *connected_at,
+            "credential_refused",
+            &actor,
+            now,
+        )
+        .await
+    {
+        Ok(true) => {
+            tracing::warn!(org = %org_id, account = %account,
+                "stripe refused the connection's token; marked disconnected")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(org = %org_id, error = %e,
+            "could not mark the refused connection disconnected"),
+    }
 }
 
 /// The credential the relay forwards an organization's Issuing calls with: the connected
@@ -667,6 +917,7 @@ pub async fn issuing_credential(
         StripeCredentials::Direct { api_key, account } => Ok(IssuingCredential {
             api_key: api_key.clone(),
             account: account.clone(),
+            connection: None,
         }),
         StripeCredentials::Connect(_) => {
             let secrets = secrets(db)?;
@@ -680,6 +931,7 @@ pub async fn issuing_credential(
             Ok(IssuingCredential {
                 api_key: secrets.open_string(sealed, &aad(org_id, "access_token"))?,
                 account: None,
+                connection: row.account_id.clone().zip(row.connected_at),
             })
         }
         StripeCredentials::None => Err(ConnectError::Disconnected),
@@ -700,4 +952,54 @@ pub async fn bundle_status(db: &ControlDb, org_id: &str) -> Result<Option<String
         ),
         StripeCredentials::None => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(scope: Option<&str>, livemode: bool) -> TokenResponse {
+        TokenResponse {
+            access_token: "sk_test_x".into(),
+            refresh_token: None,
+            stripe_user_id: "acct_1".into(),
+            scope: scope.map(str::to_string),
+            livemode,
+        }
+    }
+
+    #[test]
+    fn grants_need_read_write_in_the_platform_keys_mode() {
+        let test = ConnectConfig::new("ca_1", "sk_test_platform", "http://x/cb");
+        let live = ConnectConfig::new("ca_1", "sk_live_platform", "https://x/cb");
+        let restricted_live = ConnectConfig::new("ca_1", "rk_live_platform", "https://x/cb");
+        assert!(check_grant(&test, &tokens(Some("read_write"), false)).is_ok());
+        assert!(check_grant(&live, &tokens(Some("read_write"), true)).is_ok());
+        assert!(check_grant(&restricted_live, &tokens(Some("read_write"), true)).is_ok());
+        for (config, grant) in [
+            (&test, tokens(Some("read_only"), false)),
+            (&test, tokens(None, false)),
+            (&test, tokens(Some("read_write"), true)),
+            (&live, tokens(Some("read_write"), false)),
+        ] {
+            let e = check_grant(config, &grant).unwrap_err();
+            assert_eq!(e.code(), "oauth_grant_refused");
+            let text = e.to_string();
+            assert_eq!(text, text.to_lowercase(), "{text}");
+        }
+    }
+
+    #[test]
+    fn stripe_messages_lose_their_secrets() {
+        let said = "No such code: ac_abcdefghijklmnop; refresh rt_abcdefghijklmnop, key sk_live_abcdefgh12345678";
+        let clean = scrub(said);
+        for secret in [
+            "ac_abcdefghijklmnop",
+            "rt_abcdefghijklmnop",
+            "sk_live_abcdefgh12345678",
+        ] {
+            assert!(!clean.contains(secret), "{clean}");
+        }
+        assert!(clean.starts_with("No such code: [redacted]"), "{clean}");
+    }
 }

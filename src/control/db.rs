@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0010_dashboard.sql"),
     ),
     (
+        11,
+        "relay cards",
+        include_str!("../../migrations/0011_relay_cards.sql"),
+    ),
+    (
         12,
         "form nonces",
         include_str!("../../migrations/0012_form_nonces.sql"),
@@ -86,8 +91,9 @@ mod connect;
 mod dashboard_a;
 mod dashboard_b;
 mod reconcile;
+mod relay;
 mod stripe;
-pub use connect::{ConnectionRow, StoredTokens};
+pub use connect::{ConnectionRow, ResealedRow, SealedRow, StoredTokens};
 pub use dashboard_a::{
     AgentFacts, AgentPolicy, AuditPageFilter, COUNTED, CurrencyAmount, DailySpend, FrozenAgent,
     PeriodUsage, SpendRow, counted,
@@ -97,6 +103,10 @@ pub use dashboard_b::{
     SettlementRecord, TxFilter, TxRow,
 };
 pub use reconcile::ReconcileCardView;
+pub use relay::{
+    LedgerIntentFacts, RelayBound, RelayCardClaim, RelayCardRow, RelayClaim, RelayFacts,
+    RelayScope, RelayVerdict,
+};
 pub use stripe::{AuthInputs, DiscrepancyFilter};
 
 /// Which database a [`ControlDb`] talks to.
@@ -2486,7 +2496,9 @@ impl ControlDb {
              ON CONFLICT (id) DO UPDATE SET \
              status = CASE WHEN intents.admin_decision IS NOT NULL AND excluded.status = 'pending_approval' \
                  THEN intents.status WHEN intents.status = 'settled' THEN intents.status ELSE excluded.status END, \
-             amount = excluded.amount, currency = excluded.currency, merchant_name = excluded.merchant_name, \
+             amount = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.amount ELSE excluded.amount END, \
+             currency = CASE WHEN intents.admin_decision IS NOT NULL THEN intents.currency ELSE excluded.currency END, \
+             merchant_name = excluded.merchant_name, \
              merchant_domain = excluded.merchant_domain, merchant_country = excluded.merchant_country, \
              merchant_category = excluded.merchant_category, expires_at = excluded.expires_at, \
              description = excluded.description, \

@@ -16,6 +16,7 @@ pub mod model;
 pub mod reconcile;
 pub mod relay;
 pub mod secrets;
+pub mod secrets_cli;
 pub mod sync;
 pub mod webhooks;
 
@@ -261,6 +262,8 @@ pub async fn serve_db(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    // Stored tokens sealed with a key that is not configured cannot be used: say so.
+    secrets_cli::check_at_startup(&db, db.stripe_setup().secrets.as_ref()).await;
     let audit = audit::RequestAudit::new(db.clone());
     let dashboard = dashboard::DashState::new(db.clone());
     arm_setup_token(&db, &dashboard, listener.local_addr().ok()).await;

@@ -200,6 +200,14 @@ impl SecretBox {
         &self.current.id
     }
 
+    /// Every configured key id, the current one first.
+    pub fn key_ids(&self) -> Vec<&str> {
+        std::iter::once(&self.current)
+            .chain(self.older.iter())
+            .map(|k| k.id.as_str())
+            .collect()
+    }
+
     fn key(&self, id: &str) -> Option<&SecretKey> {
         std::iter::once(&self.current)
             .chain(self.older.iter())

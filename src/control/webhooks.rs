@@ -372,7 +372,22 @@ pub async fn stripe(
             let Some(account) = meta.account.clone() else {
                 return Err(invalid("the event needs the connected account (account)"));
             };
-            db.apply_deauthorized(&meta, &account, now).await?
+            // The application deauthorized must be this platform's (when it is known).
+            let client_id = match &db.stripe_setup().credentials {
+                super::connect::StripeCredentials::Connect(c) => Some(c.client_id.as_str()),
+                _ => None,
+            };
+            let is_application =
+                object.get("object").and_then(Value::as_str) == Some("application");
+            let ours =
+                client_id.is_none_or(|id| object.get("id").and_then(Value::as_str) == Some(id));
+            if is_application && ours {
+                db.apply_deauthorized(&meta, &account, now).await?
+            } else {
+                tracing::warn!(event = %meta.id, account = %account,
+                    "account.application.deauthorized about another application; ignored");
+                db.record_ignored_event(&meta, now).await?
+            }
         }
         _ => db.record_ignored_event(&meta, now).await?,
     };

@@ -313,11 +313,9 @@ async fn prepare(
 ) -> Result<Ready, Early> {
     let reject = |e: ApiError| Early::Error(e, Outcome::Rejected);
     authenticate(headers).map_err(reject)?;
-    // A Connect OAuth access token acts on its connected account (refused once revoked).
-    let token_account = header(headers, "authorization")
-        .and_then(|raw| raw.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .and_then(|(_, key)| inner.oauth().account_of_token(key.trim()));
+    // A Connect OAuth access token (Bearer or Basic user) acts on its connected account
+    // (refused once revoked).
+    let token_account = api_key(headers).and_then(|key| inner.oauth().account_of_token(&key));
     let account = match token_account {
         Some(Ok(acct)) => {
             let named = account_of(headers).map_err(reject)?;
@@ -505,6 +503,27 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     response
 }
 
+/// The API key of a request: `Authorization: Bearer <key>`, or Basic auth with the key as
+/// the user name (Stripe's documented form).
+fn api_key(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, credentials) = raw.split_once(' ').unwrap_or((raw, ""));
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Some(credentials.to_owned())
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        base64::decode(credentials)
+            .and_then(|b| String::from_utf8(b).ok())
+            .map(|s| {
+                s.split_once(':')
+                    .map(|(user, _)| user.to_owned())
+                    .unwrap_or(s)
+            })
+    } else {
+        None
+    }
+}
+
 /// Redact an API key for messages: `sk_test_****1234`.
 fn redact_key(key: &str) -> String {
     let prefix: String = key.chars().take(8).collect();
@@ -528,28 +547,12 @@ fn authenticate(headers: &HeaderMap) -> Result<(), ApiError> {
             msg,
         )
     };
-    let Some(raw) = headers.get(AUTHORIZATION) else {
+    if !headers.contains_key(AUTHORIZATION) {
         return Err(unauthorized(
             "Please authenticate by specifying an `Authorization` header with any valid looking testmode secret API key. For example, `Authorization: Bearer sk_test_123`.".into(),
         ));
-    };
-    let raw = raw.to_str().unwrap_or("").trim();
-    let (scheme, credentials) = raw.split_once(' ').unwrap_or((raw, ""));
-    let credentials = credentials.trim();
-    let key = if scheme.eq_ignore_ascii_case("bearer") {
-        credentials.to_owned()
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        base64::decode(credentials)
-            .and_then(|b| String::from_utf8(b).ok())
-            .map(|s| {
-                s.split_once(':')
-                    .map(|(user, _)| user.to_owned())
-                    .unwrap_or(s)
-            })
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
+    }
+    let key = api_key(headers).unwrap_or_default();
     let valid = |prefix: &str| {
         key.strip_prefix(prefix).is_some_and(|rest| {
             !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

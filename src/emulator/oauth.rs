@@ -14,8 +14,13 @@
 //!   `{"stripe_user_id"}`, revokes the connection's tokens and sends the signed
 //!   `account.application.deauthorized` event (top-level `account`).
 //!
-//! Access tokens (`sk_test_oauth…`) authenticate `/v1` calls and act on their connected
-//! account; once revoked they are refused with 401, like Stripe.
+//! Access tokens (`sk_test_oauth…`, as Bearer or as the Basic user name) authenticate `/v1`
+//! calls and act on their connected account. Deauthorizing revokes the connection's tokens
+//! for good: they answer 401 `api_key_expired`, also after the same account connects again
+//! (which gets new tokens). An unknown `sk_test_oauth…` token is 401 too. Refreshing issues
+//! a new access token and leaves the old one valid (refresh is not rotation). The
+//! publishable key is random per connection. Error descriptions never repeat codes,
+//! tokens or keys.
 
 // Helpers answer their error as the HTTP response itself.
 #![allow(clippy::result_large_err)]
@@ -26,7 +31,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -47,12 +52,16 @@ struct Code {
     used: bool,
 }
 
+/// The prefix of the emulator's OAuth access tokens.
+const TOKEN_PREFIX: &str = "sk_test_oauth";
+
 #[derive(Debug, Clone)]
 struct Connection {
     client_id: String,
     scope: String,
     active: bool,
     refresh_token: String,
+    publishable_key: String,
 }
 
 /// OAuth state of the emulator (reset with the rest).
@@ -61,39 +70,76 @@ pub struct OAuthState {
     codes: HashMap<String, Code>,
     /// Connections, by connected account id.
     connections: HashMap<String, Connection>,
-    /// Access token → account id.
+    /// Access token → account id (live tokens only).
     access_tokens: HashMap<String, String>,
-    /// Refresh token → account id.
+    /// Refresh token → account id (live tokens only).
     refresh_tokens: HashMap<String, String>,
+    /// Tokens of deauthorized connections: never valid again.
+    revoked: std::collections::HashSet<String>,
 }
 
 impl OAuthState {
     /// For `/v1` authentication: `None` if `key` is not an OAuth access token; else the
-    /// connected account it acts on, or an error if access was revoked.
+    /// connected account it acts on, or Stripe's 401 (`api_key_expired` for a revoked
+    /// token, `Invalid API Key provided` for an unknown one).
     pub fn account_of_token(&self, key: &str) -> Option<Result<String, ApiError>> {
-        let account = self.access_tokens.get(key)?;
-        let active = self.connections.get(account).is_some_and(|c| c.active);
-        Some(if active {
-            Ok(account.clone())
-        } else {
+        if let Some(account) = self.access_tokens.get(key) {
+            return Some(Ok(account.clone()));
+        }
+        if self.revoked.contains(key) {
+            return Some(Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorType::InvalidRequestError,
+                format!("Expired API Key provided: {}", super::redact_key(key)),
+            )
+            .with_code("api_key_expired")));
+        }
+        key.starts_with(TOKEN_PREFIX).then(|| {
             Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorType::InvalidRequestError,
-                format!(
-                    "The provided key does not have access to account '{account}' (or that account does not exist). Application access may have been revoked."
-                ),
-            )
-            .with_code("account_invalid"))
+                format!("Invalid API Key provided: {}", super::redact_key(key)),
+            ))
         })
+    }
+
+    /// Whether `key` is (or was) an OAuth token rather than a platform key.
+    fn is_oauth_token(&self, key: &str) -> bool {
+        self.access_tokens.contains_key(key)
+            || self.revoked.contains(key)
+            || key.starts_with(TOKEN_PREFIX)
+    }
+
+    /// Ends the account's connection: every token it was given is revoked for good.
+    fn revoke(&mut self, account: &str) {
+        if let Some(c) = self.connections.get_mut(account) {
+            c.active = false;
+        }
+        let access: Vec<String> = self
+            .access_tokens
+            .iter()
+            .filter(|(_, a)| a.as_str() == account)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let refresh: Vec<String> = self
+            .refresh_tokens
+            .iter()
+            .filter(|(_, a)| a.as_str() == account)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in access {
+            self.access_tokens.remove(&t);
+            self.revoked.insert(t);
+        }
+        for t in refresh {
+            self.refresh_tokens.remove(&t);
+            self.revoked.insert(t);
+        }
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let raw = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = raw.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    super::api_key(headers)
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -110,7 +156,7 @@ fn platform_key_ok(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
             !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
     };
-    let is_token = inner.oauth().access_tokens.contains_key(key);
+    let is_token = inner.oauth().is_oauth_token(&key);
     if (valid("sk_test_") || valid("rk_test_")) && !is_token {
         Ok(())
     } else {
@@ -337,14 +383,14 @@ fn redirect_for(params: &HashMap<String, String>, approve: bool, code: Option<St
     resp
 }
 
-fn token_json(account: &str, access: &str, refresh: &str, scope: &str) -> Value {
+fn token_json(account: &str, access: &str, conn: &Connection) -> Value {
     json!({
         "access_token": access,
-        "refresh_token": refresh,
+        "refresh_token": conn.refresh_token,
         "token_type": "bearer",
-        "stripe_publishable_key": format!("pk_test_{}", &access[access.len().saturating_sub(24)..]),
+        "stripe_publishable_key": conn.publishable_key,
         "stripe_user_id": account,
-        "scope": scope,
+        "scope": conn.scope,
         "livemode": false,
     })
 }
@@ -366,15 +412,15 @@ fn token(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String, Strin
             };
             let now = ids::now_unix();
             let Some(code) = st.codes.get_mut(code_id) else {
-                return invalid_grant(&format!("Authorization code does not exist: {code_id}"));
+                return invalid_grant("The authorization code does not exist.");
             };
             if code.used {
-                return invalid_grant(&format!(
-                    "This authorization code has already been used. All tokens issued with this code have been revoked. ({code_id})"
-                ));
+                return invalid_grant(
+                    "This authorization code has already been used. All tokens issued with this code have been revoked.",
+                );
             }
             if now - code.created > CODE_TTL_SECONDS {
-                return invalid_grant(&format!("Authorization code expired: {code_id}"));
+                return invalid_grant("The authorization code has expired.");
             }
             code.used = true;
             let code = code.clone();
@@ -382,22 +428,24 @@ fn token(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String, Strin
                 .account
                 .clone()
                 .unwrap_or_else(|| ids::random_id("acct_", 16));
-            let access = ids::random_id("sk_test_oauth", 32);
+            // A new connection (also of an account that was connected before): new tokens;
+            // whatever the account was given earlier stays revoked.
+            st.revoke(&account);
+            let access = ids::random_id(TOKEN_PREFIX, 32);
             let refresh = ids::random_id("rt_", 32);
-            st.connections.insert(
-                account.clone(),
-                Connection {
-                    client_id: code.client_id.clone(),
-                    scope: code.scope.clone(),
-                    active: true,
-                    refresh_token: refresh.clone(),
-                },
-            );
+            let conn = Connection {
+                client_id: code.client_id.clone(),
+                scope: code.scope.clone(),
+                active: true,
+                refresh_token: refresh.clone(),
+                publishable_key: ids::random_id("pk_test_", 24),
+            };
+            st.connections.insert(account.clone(), conn.clone());
             st.access_tokens.insert(access.clone(), account.clone());
-            st.refresh_tokens.insert(refresh.clone(), account.clone());
+            st.refresh_tokens.insert(refresh, account.clone());
             json_response(
                 StatusCode::OK,
-                to_body(&token_json(&account, &access, &refresh, &code.scope)),
+                to_body(&token_json(&account, &access, &conn)),
             )
         }
         Some("refresh_token") => {
@@ -409,7 +457,7 @@ fn token(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String, Strin
                 );
             };
             let Some(account) = st.refresh_tokens.get(refresh).cloned() else {
-                return invalid_grant(&format!("Invalid refresh token: {refresh}"));
+                return invalid_grant("The refresh token is invalid or was revoked.");
             };
             let Some(conn) = st
                 .connections
@@ -417,18 +465,14 @@ fn token(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String, Strin
                 .filter(|c| c.active && c.refresh_token == refresh)
                 .cloned()
             else {
-                return invalid_grant(&format!("Invalid refresh token: {refresh}"));
+                return invalid_grant("The refresh token is invalid or was revoked.");
             };
-            let access = ids::random_id("sk_test_oauth", 32);
+            // Refresh is not rotation: earlier access tokens stay valid.
+            let access = ids::random_id(TOKEN_PREFIX, 32);
             st.access_tokens.insert(access.clone(), account.clone());
             json_response(
                 StatusCode::OK,
-                to_body(&token_json(
-                    &account,
-                    &access,
-                    &conn.refresh_token,
-                    &conn.scope,
-                )),
+                to_body(&token_json(&account, &access, &conn)),
             )
         }
         _ => oauth_error(
@@ -453,15 +497,13 @@ fn deauthorize(
         .to_owned();
     {
         let mut st = inner.oauth();
-        match st.connections.get_mut(&account) {
-            Some(c) if c.active && c.client_id == client_id => c.active = false,
+        match st.connections.get(&account) {
+            Some(c) if c.active && c.client_id == client_id => st.revoke(&account),
             _ => {
                 return oauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_client",
-                    &format!(
-                        "No such user: the account {account} is not connected to your application."
-                    ),
+                    "No such user: this account is not connected to your application.",
                 );
             }
         }

@@ -29,6 +29,13 @@ use stripe_shared::{IssuingCard, IssuingCardStatus, IssuingCardType, IssuingCard
 
 use crate::domain::money::Currency;
 
+/// The Stripe API version this build's async-stripe sends (`Stripe-Version`). The
+/// control plane's relay pins it: a sidecar cannot ask Stripe for another version.
+pub fn stripe_api_version() -> &'static str {
+    static VERSION: stripe_shared::ApiVersion = stripe_shared::version::VERSION;
+    VERSION.as_str()
+}
+
 /// How to reach Stripe.
 #[derive(Clone)]
 pub struct StripeConfig {
@@ -44,6 +51,9 @@ pub struct StripeConfig {
     pub max_backoff: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Calls go through a control plane's issuing relay (`crate::control::relay`) with a
+    /// sidecar token, not to Stripe with a Stripe key (see [`StripeConfig::relay`]).
+    pub via_relay: bool,
 }
 
 impl std::fmt::Debug for StripeConfig {
@@ -52,6 +62,7 @@ impl std::fmt::Debug for StripeConfig {
             .field("base_url", &self.base_url)
             .field("account", &self.account)
             .field("max_attempts", &self.max_attempts)
+            .field("via_relay", &self.via_relay)
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +77,21 @@ impl StripeConfig {
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(4),
             timeout: Duration::from_secs(10),
+            via_relay: false,
+        }
+    }
+
+    /// Issuing through the control plane at `control_plane_url`: its relay's base URL
+    /// (`{url}/api/sync/v1/stripe/`) with the sidecar token as the API key.
+    pub fn relay(control_plane_url: &str, sidecar_token: impl Into<String>) -> StripeConfig {
+        let base = format!(
+            "{}{}/",
+            control_plane_url.trim_end_matches('/'),
+            crate::control::relay::BASE
+        );
+        StripeConfig {
+            via_relay: true,
+            ..StripeConfig::new(sidecar_token, Some(base))
         }
     }
 }
@@ -250,12 +276,10 @@ impl Issuer {
     }
 
     /// Whether calls go through a control plane's issuing relay (see
-    /// `crate::control::relay`) rather than to Stripe directly.
+    /// `crate::control::relay`) rather than to Stripe directly: configured, never guessed
+    /// from the URL ([`StripeConfig::relay`]).
     pub fn uses_relay(&self) -> bool {
-        self.config
-            .base_url
-            .as_deref()
-            .is_some_and(|u| u.contains(crate::control::relay::BASE))
+        self.config.via_relay
     }
 
     /// Runs `call` with retries. `key` is the idempotency key for mutating calls; it is the

@@ -127,7 +127,7 @@ pub fn fold_budgets(mut policy: Policy, budgets: &[BundleBudget]) -> (Policy, Ve
 }
 
 /// [`fold_budgets`], logging the budgets that cannot apply.
-fn with_budgets(policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
+pub fn with_budgets(policy: Policy, agent_id: &str, budgets: &[BundleBudget]) -> Policy {
     let (policy, folds) = fold_budgets(policy, budgets);
     for (b, fold) in budgets.iter().zip(folds) {
         match fold {

@@ -101,12 +101,16 @@ async fn page(
                             }
                         }
                         @if status.mode == "connect" && status.is_connected() {
+                            p.muted.small id="connect-another" {
+                                "To connect a different Stripe account, disconnect this one first: "
+                                "its cards are canceled and Roony stops issuing until the new account is connected."
+                            }
                             form.inline method="post" action="/stripe/refresh" {
                                 (ui::csrf_field(&session))
                                 button.secondary id="refresh-stripe" type="submit" { "Refresh tokens" }
                             }
                             form.inline method="post" action="/stripe/disconnect"
-                                data-confirm="Disconnect Stripe? Roony stops issuing cards until it is connected again." {
+                                data-confirm="Disconnect Stripe? Every active card of the organization is canceled and Roony stops issuing cards until it is connected again." {
                                 (ui::csrf_field(&session))
                                 button.danger id="disconnect-stripe" type="submit" { "Disconnect" }
                             }
@@ -135,17 +139,28 @@ async fn page(
 /// `POST /stripe/connect`: to Stripe's authorize page.
 async fn start(
     State(state): State<DashState>,
+    headers: HeaderMap,
     m: Mutation<NoFields>,
 ) -> Result<Response, PageError> {
     let org = org_id(&state).await?;
-    let url = connect::begin(
+    let url = match connect::begin(
         &state.db,
         &org,
         &binding(&m.session),
         crate::control::unix_now(),
     )
     .await
-    .map_err(connect_error)?;
+    {
+        Ok(url) => url,
+        Err(e @ ConnectError::AlreadyConnected) => {
+            return Ok(redirect_with_flash(
+                "/stripe",
+                &format!("not started: {e}"),
+                &headers,
+            ));
+        }
+        Err(e) => return Err(connect_error(e)),
+    };
     Ok(Redirect::to(&url).into_response())
 }
 
@@ -190,7 +205,11 @@ async fn callback(
             ),
             &headers,
         )),
-        Err(e @ ConnectError::Denied(_)) => Ok(redirect_with_flash(
+        Err(
+            e @ (ConnectError::Denied(_)
+            | ConnectError::AlreadyConnected
+            | ConnectError::GrantRefused(_)),
+        ) => Ok(redirect_with_flash(
             "/stripe",
             &format!("not connected: {e}"),
             &headers,
@@ -228,7 +247,7 @@ async fn disconnect(
     m: Mutation<NoFields>,
 ) -> Result<Response, PageError> {
     let org = org_id(&state).await?;
-    connect::disconnect(
+    let outcome = connect::disconnect(
         &state.db,
         &org,
         &m.session.actor(),
@@ -236,9 +255,26 @@ async fn disconnect(
     )
     .await
     .map_err(connect_error)?;
-    Ok(redirect_with_flash(
-        "/stripe",
-        "stripe disconnected; purchases decline with stripe_account_disconnected until it is connected again",
-        &headers,
-    ))
+    let mut message = format!(
+        "stripe disconnected; {} card(s) canceled; purchases decline with stripe_account_disconnected until it is connected again",
+        outcome.canceled_cards.len()
+    );
+    if !outcome.cancel_failures.is_empty() {
+        message.push_str(&format!(
+            ". {} card(s) could not be canceled — cancel them in stripe's dashboard: {}",
+            outcome.cancel_failures.len(),
+            outcome
+                .cancel_failures
+                .iter()
+                .map(|(card, _)| card.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(said) = &outcome.stripe_error {
+        message.push_str(&format!(
+            ". stripe did not confirm the deauthorization ({said}); check the connection in stripe's dashboard"
+        ));
+    }
+    Ok(redirect_with_flash("/stripe", &message, &headers))
 }

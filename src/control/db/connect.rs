@@ -85,7 +85,110 @@ fn connection(r: &AnyRow) -> Result<ConnectionRow, DbError> {
 const COLUMNS: &str = "org_id, mode, account_id, access_token, refresh_token, key_id, scope, \
     livemode, status, connected_at, refreshed_at, disconnected_at, disconnect_reason";
 
+/// The sealed values of one stored connection (rotation reports and resealing).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub org_id: String,
+    /// The key id the row says sealed it.
+    pub key_id: Option<String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+}
+
+impl std::fmt::Debug for SealedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRow")
+            .field("org_id", &self.org_id)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A row's values sealed again with the current key; `old` is what was read (the update
+/// applies only if the row still holds it).
+#[derive(Clone)]
+pub struct ResealedRow {
+    pub old: SealedRow,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub key_id: String,
+}
+
 impl ControlDb {
+    /// Every stored connection holding a sealed value, by organization.
+    pub async fn sealed_stripe_tokens(&self) -> Result<Vec<SealedRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT org_id, key_id, access_token, refresh_token FROM stripe_connections \
+             WHERE access_token IS NOT NULL OR refresh_token IS NOT NULL ORDER BY org_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SealedRow {
+                    org_id: r.try_get("org_id")?,
+                    key_id: r.try_get("key_id")?,
+                    access_token: r.try_get("access_token")?,
+                    refresh_token: r.try_get("refresh_token")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores resealed values, all rows in one transaction with one audit event
+    /// (`secrets.reseal`). A row that changed since it was read (a connect, refresh or
+    /// disconnect meanwhile) aborts everything: `Conflict`.
+    pub async fn reseal_stripe_tokens(
+        &self,
+        rows: &[ResealedRow],
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.tx().await?;
+        let mut from: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in rows {
+            let n = sqlx::query(
+                "UPDATE stripe_connections SET access_token = $1, refresh_token = $2, key_id = $3, \
+                 updated_at = $4 WHERE org_id = $5 AND COALESCE(access_token, '') = $6 \
+                 AND COALESCE(refresh_token, '') = $7",
+            )
+            .bind(r.access_token.clone())
+            .bind(r.refresh_token.clone())
+            .bind(r.key_id.clone())
+            .bind(now)
+            .bind(r.old.org_id.clone())
+            .bind(r.old.access_token.clone().unwrap_or_default())
+            .bind(r.old.refresh_token.clone().unwrap_or_default())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                tx.rollback().await?;
+                return Err(DbError::Conflict(format!(
+                    "the stripe connection of {} changed meanwhile; run it again",
+                    r.old.org_id
+                )));
+            }
+            *from
+                .entry(r.old.key_id.clone().unwrap_or_else(|| "(none)".into()))
+                .or_default() += 1;
+        }
+        let key_id = rows.first().map(|r| r.key_id.clone()).unwrap_or_default();
+        Self::audit(
+            &mut tx,
+            actor,
+            "secrets.reseal",
+            "secrets_key",
+            &key_id,
+            serde_json::json!({"rows": rows.len(), "key_id": key_id, "from": from,
+                "organizations": rows.iter().map(|r| r.old.org_id.clone()).collect::<Vec<_>>()}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Replaces the Stripe credentials (see `connect::ControlDb::with_stripe_credentials`).
     pub(crate) fn set_stripe_setup(mut self, setup: crate::control::connect::StripeSetup) -> Self {
         self.stripe_setup = std::sync::Arc::new(setup);
@@ -194,7 +297,8 @@ impl ControlDb {
                 return Err(DbError::NotFound("stripe connection"));
             }
         } else {
-            sqlx::query(
+            // A connected organization is never replaced: it must be disconnected first.
+            let n = sqlx::query(
                 "INSERT INTO stripe_connections (org_id, mode, account_id, access_token, \
                  refresh_token, key_id, scope, livemode, status, connected_at, refreshed_at, \
                  disconnected_at, disconnect_reason, updated_at) \
@@ -202,7 +306,8 @@ impl ControlDb {
                  ON CONFLICT (org_id) DO UPDATE SET mode = 'connect', account_id = $2, \
                  access_token = $3, refresh_token = $4, key_id = $5, scope = $6, livemode = $7, \
                  status = 'connected', connected_at = $8, refreshed_at = NULL, \
-                 disconnected_at = NULL, disconnect_reason = NULL, updated_at = $8",
+                 disconnected_at = NULL, disconnect_reason = NULL, updated_at = $8 \
+                 WHERE stripe_connections.status <> 'connected'",
             )
             .bind(org_id.to_string())
             .bind(tokens.account_id.clone())
@@ -213,7 +318,13 @@ impl ControlDb {
             .bind(i64::from(tokens.livemode))
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(DbError::Conflict(
+                    "the organization already has a connected stripe account".into(),
+                ));
+            }
         }
         Self::audit(
             &mut tx,
@@ -264,11 +375,69 @@ impl ControlDb {
         Ok(changed)
     }
 
+    /// [`ControlDb::disconnect_stripe`] of one connection only: the one to `account_id`
+    /// made at `connected_at` (a newer connection is left alone).
+    pub async fn disconnect_stripe_connection(
+        &self,
+        org_id: &str,
+        account_id: &str,
+        connected_at: i64,
+        reason: &str,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.tx().await?;
+        let changed = Self::disconnect_in(
+            &mut tx,
+            org_id,
+            Some((account_id, Some(connected_at))),
+            reason,
+            actor,
+            now,
+            serde_json::json!({"account_id": account_id}),
+        )
+        .await?;
+        if changed {
+            self.commit_config(tx).await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(changed)
+    }
+
+    /// An audited note about the organization's Stripe connection (e.g. what Stripe answered
+    /// to a deauthorization).
+    pub async fn record_stripe_note(
+        &self,
+        org_id: &str,
+        action: &str,
+        success: bool,
+        details: serde_json::Value,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.tx().await?;
+        Self::audit_outcome(
+            &mut tx,
+            actor,
+            action,
+            ("organization", org_id),
+            if success { "success" } else { "failure" },
+            details,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Disconnects the organization's connection — only the one to an account (and, if
+    /// given, connected at or before a time) when `connection` says so.
     #[allow(clippy::too_many_arguments)]
     async fn disconnect_in(
         conn: &mut sqlx::AnyConnection,
         org_id: &str,
-        account_id: Option<&str>,
+        connection: Option<(&str, Option<i64>)>,
         reason: &str,
         actor: &Actor,
         now: i64,
@@ -277,8 +446,20 @@ impl ControlDb {
         const SET: &str = "UPDATE stripe_connections SET status = 'disconnected', \
              access_token = NULL, refresh_token = NULL, disconnected_at = $1, \
              disconnect_reason = $2, updated_at = $1 WHERE org_id = $3 AND status = 'connected'";
-        let n = match account_id {
-            Some(account) => {
+        let n = match connection {
+            Some((account, Some(connected_by))) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{SET} AND account_id = $4 AND connected_at <= $5"
+                )))
+                .bind(now)
+                .bind(reason.to_string())
+                .bind(org_id.to_string())
+                .bind(account.to_string())
+                .bind(connected_by)
+                .execute(&mut *conn)
+                .await?
+            }
+            Some((account, None)) => {
                 sqlx::query(sqlx::AssertSqlSafe(format!("{SET} AND account_id = $4")))
                     .bind(now)
                     .bind(reason.to_string())
@@ -317,8 +498,10 @@ impl ControlDb {
         Ok(true)
     }
 
-    /// `account.application.deauthorized`: every connection to `account_id` becomes
-    /// disconnected (`deauthorized`), once per event id. `false` for a duplicate event.
+    /// `account.application.deauthorized`: every connection to `account_id` made at or
+    /// before the event's `created` becomes disconnected (`deauthorized`), once per event
+    /// id; a connection made after the event (a late event about an earlier connection) is
+    /// left alone. `false` for a duplicate event.
     pub async fn apply_deauthorized(
         &self,
         event: &StripeEventMeta,
@@ -345,9 +528,10 @@ impl ControlDb {
         }
         let orgs: Vec<String> = sqlx::query(
             "SELECT org_id FROM stripe_connections WHERE account_id = $1 AND status = 'connected' \
-             ORDER BY org_id",
+             AND connected_at <= $2 ORDER BY org_id",
         )
         .bind(account_id.to_string())
+        .bind(event.created)
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -364,7 +548,7 @@ impl ControlDb {
             changed |= Self::disconnect_in(
                 &mut tx,
                 org,
-                Some(account_id),
+                Some((account_id, Some(event.created))),
                 "deauthorized",
                 &actor,
                 now,

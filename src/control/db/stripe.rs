@@ -1027,6 +1027,10 @@ impl ControlDb {
             return Ok(false);
         }
         let mut out = Outcome::default();
+        if card.status.as_deref() == Some("canceled") {
+            // A relay card counts at what it spent from now on (budget bounds at the relay).
+            Self::relay_card_canceled_in(&mut tx, &card.id, now).await?;
+        }
         let known = Self::ledger_card(&mut tx, &card.id).await?;
         let mut changed_intent = None;
         match known {

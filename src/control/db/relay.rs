@@ -1,0 +1,469 @@
+//! Cards the issuing relay created (`relay_cards`, migration 0011): one row per intent,
+//! claimed before the request goes to Stripe, so that a second card for an intent and
+//! concurrent creations above a budget are refused. The checks themselves are the relay's
+//! (`crate::control::relay`); this module reads the facts they need and writes the row in
+//! one transaction that holds the agent's row lock (and the rows of the shared budgets
+//! involved), which serializes concurrent creations for an agent across replicas.
+
+use sqlx::Row;
+
+use super::{Actor, ControlDb, DbError};
+use crate::domain::time::Period;
+
+/// Which cards a budget bound counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayScope {
+    Agent,
+    Project,
+    Org,
+}
+
+impl RelayScope {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayScope::Agent => "agent",
+            RelayScope::Project => "project",
+            RelayScope::Org => "org",
+        }
+    }
+
+    fn column(&self) -> &'static str {
+        match self {
+            RelayScope::Agent => "agent_id",
+            RelayScope::Project => "project_id",
+            RelayScope::Org => "org_id",
+        }
+    }
+}
+
+/// A budget the new card must fit in: the exposure of the scope's relay cards created
+/// since `since` (the start of the budget's current period) plus the card's limit must
+/// stay at most `max` (the budget plus the card buffer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayBound {
+    pub scope: RelayScope,
+    pub scope_id: String,
+    /// The `budgets` row to lock (shared budgets); `None` for the agent's own budgets.
+    pub budget_id: Option<String>,
+    pub period: Period,
+    pub since: i64,
+    pub limit: i64,
+    pub max: i64,
+}
+
+/// The card the relay is about to create.
+#[derive(Clone, Debug)]
+pub struct RelayCardClaim {
+    pub intent_id: String,
+    pub agent_id: String,
+    pub project_id: String,
+    pub org_id: String,
+    pub sidecar_id: String,
+    /// ISO 4217 code, upper case.
+    pub currency: String,
+    pub spending_limit: i64,
+    /// SHA-256 hex of the request's Idempotency-Key.
+    pub idempotency_key_hash: String,
+    pub bounds: Vec<RelayBound>,
+}
+
+/// A stored relay card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayCardRow {
+    pub intent_id: String,
+    pub card_id: Option<String>,
+    pub agent_id: String,
+    pub project_id: String,
+    pub org_id: String,
+    pub sidecar_id: String,
+    pub currency: String,
+    pub spending_limit: i64,
+    pub idempotency_key_hash: String,
+    pub created_at: i64,
+    pub canceled_at: Option<i64>,
+}
+
+/// What the control plane's ledger says about the intent a card is claimed for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerIntentFacts {
+    pub agent_id: String,
+    pub status: String,
+    pub amount: i64,
+    pub currency: String,
+    /// `approved` / `declined` when an administrator decided it.
+    pub admin_decision: Option<String>,
+}
+
+/// Everything the relay's judgement of a claim reads, under the lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayFacts {
+    /// The card already claimed for this intent, if any.
+    pub existing: Option<RelayCardRow>,
+    pub intent: Option<LedgerIntentFacts>,
+    /// For each bound of the claim, in order: the exposure of its scope's relay cards in
+    /// its period (without the new card).
+    pub exposures: Vec<i64>,
+}
+
+/// The relay's judgement of a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayVerdict {
+    /// A new card: the row is inserted.
+    Create,
+    /// An idempotent retry of the card already claimed: nothing is written.
+    Retry,
+}
+
+/// The outcome of [`ControlDb::claim_relay_card`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayClaim {
+    Created,
+    Retry,
+    /// Refused, with the relay's (lowercase) message.
+    Refused(String),
+}
+
+const COLUMNS: &str = "intent_id, card_id, agent_id, project_id, org_id, sidecar_id, currency, \
+    spending_limit, idempotency_key_hash, created_at, canceled_at";
+
+fn row_of(r: &sqlx::any::AnyRow) -> Result<RelayCardRow, DbError> {
+    Ok(RelayCardRow {
+        intent_id: r.try_get("intent_id")?,
+        card_id: r.try_get("card_id")?,
+        agent_id: r.try_get("agent_id")?,
+        project_id: r.try_get("project_id")?,
+        org_id: r.try_get("org_id")?,
+        sidecar_id: r.try_get("sidecar_id")?,
+        currency: r.try_get("currency")?,
+        spending_limit: r.try_get("spending_limit")?,
+        idempotency_key_hash: r.try_get("idempotency_key_hash")?,
+        created_at: r.try_get("created_at")?,
+        canceled_at: r.try_get("canceled_at")?,
+    })
+}
+
+impl ControlDb {
+    /// Claims the card of an intent, in one transaction: locks the agent's row (then the
+    /// rows of the shared budgets bounding the card, by id), reads the facts, asks `judge`,
+    /// and inserts the claim (audited `relay.card.create`) when the verdict is
+    /// [`RelayVerdict::Create`]. `judge`'s `Err` is a refusal (nothing is written).
+    pub async fn claim_relay_card(
+        &self,
+        claim: &RelayCardClaim,
+        judge: impl FnOnce(&RelayFacts) -> Result<RelayVerdict, String>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<RelayClaim, DbError> {
+        let mut tx = self.tx().await?;
+        // First statement: the agent's row lock (serializes creations for the agent, also
+        // across replicas on PostgreSQL; SQLite's BEGIN IMMEDIATE serializes all writers).
+        let locked = sqlx::query("UPDATE agents SET updated_at = updated_at WHERE id = $1")
+            .bind(claim.agent_id.clone())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if locked == 0 {
+            tx.rollback().await?;
+            return Ok(RelayClaim::Refused("unknown agent".into()));
+        }
+        let mut budget_ids: Vec<&str> = claim
+            .bounds
+            .iter()
+            .filter_map(|b| b.budget_id.as_deref())
+            .collect();
+        budget_ids.sort_unstable();
+        budget_ids.dedup();
+        for id in budget_ids {
+            sqlx::query("UPDATE budgets SET updated_at = updated_at WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let existing = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM relay_cards WHERE intent_id = $1"
+        )))
+        .bind(claim.intent_id.clone())
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(row_of)
+        .transpose()?;
+        let intent = sqlx::query(
+            "SELECT agent_id, status, amount, currency, admin_decision FROM intents WHERE id = $1",
+        )
+        .bind(claim.intent_id.clone())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| {
+            Ok::<_, DbError>(LedgerIntentFacts {
+                agent_id: r.try_get("agent_id")?,
+                status: r.try_get("status")?,
+                amount: r.try_get("amount")?,
+                currency: r.try_get("currency")?,
+                admin_decision: r.try_get("admin_decision")?,
+            })
+        })
+        .transpose()?;
+        let mut exposures = Vec::with_capacity(claim.bounds.len());
+        for b in &claim.bounds {
+            exposures.push(
+                Self::relay_exposure(&mut tx, b.scope, &b.scope_id, &claim.currency, b.since)
+                    .await?,
+            );
+        }
+        let facts = RelayFacts {
+            existing,
+            intent,
+            exposures,
+        };
+        match judge(&facts) {
+            Err(message) => {
+                tx.rollback().await?;
+                Ok(RelayClaim::Refused(message))
+            }
+            Ok(RelayVerdict::Retry) => {
+                tx.commit().await?;
+                Ok(RelayClaim::Retry)
+            }
+            Ok(RelayVerdict::Create) => {
+                sqlx::query(
+                    "INSERT INTO relay_cards (intent_id, card_id, agent_id, project_id, org_id, \
+                     sidecar_id, currency, spending_limit, idempotency_key_hash, created_at, canceled_at) \
+                     VALUES ($1, NULL, $2, $3, $4, $5, $6, $7, $8, $9, NULL)",
+                )
+                .bind(claim.intent_id.clone())
+                .bind(claim.agent_id.clone())
+                .bind(claim.project_id.clone())
+                .bind(claim.org_id.clone())
+                .bind(claim.sidecar_id.clone())
+                .bind(claim.currency.clone())
+                .bind(claim.spending_limit)
+                .bind(claim.idempotency_key_hash.clone())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                Self::audit(
+                    &mut tx,
+                    actor,
+                    "relay.card.create",
+                    "intent",
+                    &claim.intent_id,
+                    serde_json::json!({"agent_id": claim.agent_id, "sidecar_id": claim.sidecar_id,
+                        "currency": claim.currency, "spending_limit": claim.spending_limit}),
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(RelayClaim::Created)
+            }
+        }
+    }
+
+    /// The exposure of a scope's relay cards in `currency` created at or after `since`: a
+    /// live card (or one whose creation never got an answer) at its spending limit, a
+    /// canceled one at what it spent — net captures (never below zero) plus approved
+    /// authorizations still pending, from the Stripe ledger.
+    async fn relay_exposure(
+        conn: &mut sqlx::AnyConnection,
+        scope: RelayScope,
+        scope_id: &str,
+        currency: &str,
+        since: i64,
+    ) -> Result<i64, DbError> {
+        let sql = format!(
+            "SELECT rc.spending_limit, rc.canceled_at, rc.card_id, \
+             (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
+              WHERE s.stripe_card_id = rc.card_id AND s.kind = 'capture') AS captured, \
+             (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
+              WHERE s.stripe_card_id = rc.card_id AND s.kind = 'refund') AS refunded, \
+             (SELECT CAST(COALESCE(SUM(a.amount), 0) AS BIGINT) FROM authorizations a \
+              WHERE a.stripe_card_id = rc.card_id AND a.approved = 1 AND a.status = 'pending') AS pending \
+             FROM relay_cards rc WHERE rc.{} = $1 AND rc.currency = $2 AND rc.created_at >= $3",
+            scope.column()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(scope_id.to_string())
+            .bind(currency.to_string())
+            .bind(since)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut total = 0i64;
+        for r in &rows {
+            let limit: i64 = r.try_get("spending_limit")?;
+            let canceled: Option<i64> = r.try_get("canceled_at")?;
+            let card: Option<String> = r.try_get("card_id")?;
+            let counted = if canceled.is_some() && card.is_some() {
+                let captured: i64 = r.try_get("captured")?;
+                let refunded: i64 = r.try_get("refunded")?;
+                let pending: i64 = r.try_get("pending")?;
+                captured
+                    .saturating_sub(refunded)
+                    .max(0)
+                    .saturating_add(pending.max(0))
+            } else {
+                limit
+            };
+            total = total.saturating_add(counted);
+        }
+        Ok(total)
+    }
+
+    /// Stripe answered the claimed creation with `card_id` (`canceled`: the card Stripe
+    /// returned is already canceled, e.g. an idempotent replay).
+    pub async fn relay_card_created(
+        &self,
+        intent_id: &str,
+        card_id: &str,
+        canceled: bool,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let n = sqlx::query(
+            "UPDATE relay_cards SET card_id = $1, \
+             canceled_at = CASE WHEN $2 = 1 THEN COALESCE(canceled_at, $3) ELSE canceled_at END \
+             WHERE intent_id = $4 AND (card_id IS NULL OR card_id = $1)",
+        )
+        .bind(card_id.to_string())
+        .bind(i64::from(canceled))
+        .bind(now)
+        .bind(intent_id.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(DbError::Conflict(format!(
+                "relay card of intent {intent_id} is another card than {card_id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stripe refused the claimed creation (no card was made): the claim is dropped, if it
+    /// is still without a card and was made with this idempotency key.
+    pub async fn relay_card_released(
+        &self,
+        intent_id: &str,
+        idempotency_key_hash: &str,
+    ) -> Result<bool, DbError> {
+        let n = sqlx::query(
+            "DELETE FROM relay_cards WHERE intent_id = $1 AND card_id IS NULL \
+             AND idempotency_key_hash = $2",
+        )
+        .bind(intent_id.to_string())
+        .bind(idempotency_key_hash.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// The card was canceled (by the relay or, per Stripe's events, at Stripe): from now on
+    /// it counts at what it spent. `false` if it is not a relay card or was canceled before.
+    pub async fn relay_card_canceled(&self, card_id: &str, now: i64) -> Result<bool, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::relay_card_canceled_in(&mut conn, card_id, now).await
+    }
+
+    pub(super) async fn relay_card_canceled_in(
+        conn: &mut sqlx::AnyConnection,
+        card_id: &str,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        let n = sqlx::query(
+            "UPDATE relay_cards SET canceled_at = $1 WHERE card_id = $2 AND canceled_at IS NULL",
+        )
+        .bind(now)
+        .bind(card_id.to_string())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// The relay card of an intent.
+    pub async fn relay_card(&self, intent_id: &str) -> Result<Option<RelayCardRow>, DbError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM relay_cards WHERE intent_id = $1"
+        )))
+        .bind(intent_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(row_of)
+        .transpose()
+    }
+
+    /// The relay cards of an agent, oldest first.
+    pub async fn relay_cards_of_agent(&self, agent_id: &str) -> Result<Vec<RelayCardRow>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM relay_cards WHERE agent_id = $1 ORDER BY created_at, intent_id"
+        )))
+        .bind(agent_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_of).collect()
+    }
+
+    /// Every card of the organization that may still be active: relay cards not canceled
+    /// and the Stripe ledger's cards not canceled, by Stripe id (sorted, distinct).
+    pub async fn active_cards_of_org(&self, org_id: &str) -> Result<Vec<String>, DbError> {
+        let mut ids: Vec<String> = sqlx::query(
+            "SELECT card_id FROM relay_cards WHERE org_id = $1 AND card_id IS NOT NULL \
+             AND canceled_at IS NULL",
+        )
+        .bind(org_id.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("card_id"))
+        .collect::<Result<_, _>>()?;
+        let ledger = sqlx::query(
+            "SELECT c.stripe_card_id FROM cards c JOIN agents a ON a.id = c.agent_id \
+             WHERE a.org_id = $1 AND c.status <> 'canceled'",
+        )
+        .bind(org_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &ledger {
+            ids.push(r.try_get("stripe_card_id")?);
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Records what a disconnect did to the organization's cards (`stripe.disconnect.cards`):
+    /// the relay cards it canceled are marked canceled in the same transaction.
+    pub async fn record_disconnect_cancels(
+        &self,
+        org_id: &str,
+        canceled: &[String],
+        failed: &[(String, String)],
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.tx().await?;
+        for card in canceled {
+            Self::relay_card_canceled_in(&mut tx, card, now).await?;
+        }
+        let failures: Vec<serde_json::Value> = failed
+            .iter()
+            .map(|(card, error)| serde_json::json!({"card_id": card, "error": error}))
+            .collect();
+        Self::audit_outcome(
+            &mut tx,
+            actor,
+            "stripe.disconnect.cards",
+            ("organization", org_id),
+            if failed.is_empty() {
+                "success"
+            } else {
+                "failure"
+            },
+            serde_json::json!({"canceled": canceled, "failed": failures}),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -46,7 +46,11 @@ where
     }
 }
 
-on_both!(control_plane_requests, concurrent_replicas);
+on_both!(
+    control_plane_requests,
+    concurrent_replicas,
+    verify_while_appending
+);
 
 /// `roony audit verify ARGS…`: (exit code, stdout).
 fn verify_cli(args: &[&str]) -> (i32, String) {
@@ -325,6 +329,47 @@ async fn concurrent_replicas(url: String) {
     assert_eq!(code, 0, "{out}");
     a.close().await;
     b.close().await;
+}
+
+/// Verifying while events are appended (the request auditor never stops): a chain that is
+/// only growing verifies every time — the check covers the chain up to the head it read
+/// first, and events appended meanwhile are not mistaken for a broken head.
+async fn verify_while_appending(url: String) {
+    let db = control::open(&config(&url)).await.unwrap();
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            for i in 0..300u32 {
+                db.append_audit_events(vec![roony::audit::Entry {
+                    id: roony::service::ids::new_id("aud"),
+                    at: now(),
+                    actor_type: "system".into(),
+                    actor_id: "system".into(),
+                    action: "test.append".into(),
+                    target_type: "test".into(),
+                    target_id: i.to_string(),
+                    outcome: "success".into(),
+                    request_id: None,
+                    details: json!({"i": i}),
+                }])
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let mut checks = 0;
+    while !writer.is_finished() {
+        let report = db.verify_audit_chain().await.unwrap();
+        assert!(
+            report.is_ok(),
+            "a growing chain reported broken: {report:?}"
+        );
+        checks += 1;
+    }
+    writer.await.unwrap();
+    assert!(checks > 1, "verified while appending ({checks} times)");
+    db.verify_audit_chain().await.unwrap().unwrap();
+    db.close().await;
 }
 
 // ----- the sidecar ----------------------------------------------------------------------

@@ -692,14 +692,24 @@ impl ControlDb {
     pub async fn verify_audit_chain(
         &self,
     ) -> Result<Result<crate::audit::VerifyReport, crate::audit::BrokenLink>, DbError> {
+        // The head first, then the events up to it: events appended while this runs (the
+        // request auditor writes continuously) are after the head read and not checked,
+        // instead of looking like a head the events do not reach. Every event up to the
+        // head is committed (an append and its head move are one transaction).
+        let row = sqlx::query("SELECT seq, head FROM audit_chain WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let head_seq: i64 = row.try_get("seq")?;
+        let head: String = row.try_get("head")?;
         let mut v = crate::audit::Verifier::new();
         let mut after: i64 = 0;
         loop {
             let rows = sqlx::query(
                 "SELECT id, actor_type, actor_id, action, target_type, target_id, outcome, request_id, created_at, details, chain_seq, prev_hash, hash \
-                 FROM audit_events WHERE chain_seq > $1 ORDER BY chain_seq LIMIT 1000",
+                 FROM audit_events WHERE chain_seq > $1 AND chain_seq <= $2 ORDER BY chain_seq LIMIT 1000",
             )
             .bind(after)
+            .bind(head_seq)
             .fetch_all(&self.pool)
             .await?;
             if rows.is_empty() {
@@ -739,12 +749,7 @@ impl ControlDb {
                 }
             }
         }
-        let row = sqlx::query("SELECT seq, head FROM audit_chain WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        let seq: i64 = row.try_get("seq")?;
-        let head: String = row.try_get("head")?;
-        if let Err(b) = v.check_head(u64::try_from(seq).unwrap_or(0), &head) {
+        if let Err(b) = v.check_head(u64::try_from(head_seq).unwrap_or(0), &head) {
             return Ok(Err(b));
         }
         Ok(Ok(v.report()))

@@ -698,7 +698,6 @@ async fn detail(
 }
 
 fn budget_dry_run_markup(d: &BudgetDryRun) -> Markup {
-    use super::dryrun::outcome_str;
     let s = &d.summary;
     html! {
         section #dry-run-results data-test="dry-run-results" data-replayed=(s.replayed) data-changed=(s.changes.len()) {
@@ -707,38 +706,13 @@ fn budget_dry_run_markup(d: &BudgetDryRun) -> Markup {
                 "Replayed from the ledger in time order through the current policy with this agent's budgets folded in as its sidecar folds them — once as they are, once with this budget set. Not reconstructed: intents before the window, reservations released later, project and organization budgets (shared with other agents), the frozen state and MCP confirmations. Nothing was saved."
             }
             @if d.truncated { p.error { "Only the first " (super::dryrun::MAX_REPLAY) " intents of the window were replayed." } }
-            div.cards {
-                div.card { div.label { "Intents replayed" } div.big #dry-run-replayed { (s.replayed) } }
-                div.card data-test="dry-run-current" {
-                    div.label { "As enforced now" }
-                    div { span #current-approved { (s.current.approved) } " approved · " span #current-pending { (s.current.pending) } " pending · " span #current-declined { (s.current.declined) } " declined" }
-                }
-                div.card data-test="dry-run-draft" {
-                    div.label { "With this budget" }
-                    div { span #draft-approved { (s.draft.approved) } " approved · " span #draft-pending { (s.draft.pending) } " pending · " span #draft-declined { (s.draft.declined) } " declined" }
-                }
-                div.card { div.label { "Outcomes that change" } div.big #dry-run-changed { (s.changes.len()) } }
-            }
-            @if s.changes.is_empty() {
-                p.muted #dry-run-no-changes { "No outcome would change." }
-            } @else {
-                table #dry-run-changes {
-                    thead { tr { th { "Time" } th { "Intent" } th { "Merchant" } th.num { "Amount" } th { "Recorded" } th { "Now → with this budget" } th { "Reasons" } } }
-                    tbody {
-                        @for c in &s.changes {
-                            tr data-test="dry-run-change" data-intent-id=(c.id) data-old=(outcome_str(c.old)) data-new=(outcome_str(c.new)) {
-                                td.small { (ui::time(c.at)) }
-                                td.small { a href={"/transactions/" (seg(&c.id))} { (c.id) } }
-                                td { (c.merchant) }
-                                td.num { (c.amount.to_string()) }
-                                td { (ui::badge(&c.recorded_status)) }
-                                td { (ui::badge(outcome_str(c.old))) " → " (ui::badge(outcome_str(c.new))) }
-                                td.small { (c.new_reasons.join(", ")) }
-                            }
-                        }
-                    }
-                }
-            }
+            (super::dryrun::results_markup(s, &super::dryrun::Labels {
+                current: html! { "As enforced now" },
+                draft: "With this budget",
+                change: "Now → with this budget",
+                reasons: "Reasons",
+                replayed_note: None,
+            }))
         }
     }
 }

@@ -233,6 +233,60 @@ pub fn compare(
     summary
 }
 
+/// The labels of one dry-run comparison (the policy editor's or a budget's).
+pub struct Labels<'a> {
+    /// "Current policy (revision 3)", "As enforced now".
+    pub current: maud::Markup,
+    /// "Draft", "With this budget".
+    pub draft: &'a str,
+    /// The column of changed outcomes: "Current → draft".
+    pub change: &'a str,
+    /// The column of the new decision's reasons.
+    pub reasons: &'a str,
+    /// Shown under the number of replayed intents (skipped ones, say).
+    pub replayed_note: Option<String>,
+}
+
+/// The counts and the table of changed outcomes of a dry run.
+pub fn results_markup(s: &DryRunSummary, labels: &Labels<'_>) -> maud::Markup {
+    use super::ui;
+    use maud::html;
+    html! {
+        div.cards {
+            div.card { div.label { "Intents replayed" } div.big #dry-run-replayed { (s.replayed) } @if let Some(n) = &labels.replayed_note { div.small.muted { (n) } } }
+            div.card data-test="dry-run-current" {
+                div.label { (labels.current) }
+                div { span #current-approved { (s.current.approved) } " approved · " span #current-pending { (s.current.pending) } " pending · " span #current-declined { (s.current.declined) } " declined" }
+            }
+            div.card data-test="dry-run-draft" {
+                div.label { (labels.draft) }
+                div { span #draft-approved { (s.draft.approved) } " approved · " span #draft-pending { (s.draft.pending) } " pending · " span #draft-declined { (s.draft.declined) } " declined" }
+            }
+            div.card { div.label { "Outcomes that change" } div.big #dry-run-changed { (s.changes.len()) } }
+        }
+        @if s.changes.is_empty() {
+            p.muted #dry-run-no-changes { "No outcome would change." }
+        } @else {
+            table #dry-run-changes {
+                thead { tr { th { "Time" } th { "Intent" } th { "Merchant" } th.num { "Amount" } th { "Recorded" } th { (labels.change) } th { (labels.reasons) } } }
+                tbody {
+                    @for c in &s.changes {
+                        tr data-test="dry-run-change" data-intent-id=(c.id) data-old=(outcome_str(c.old)) data-new=(outcome_str(c.new)) {
+                            td.small { (ui::time(c.at)) }
+                            td.small { a href={"/transactions/" (super::policies::seg(&c.id))} { (c.id) } }
+                            td { (c.merchant) }
+                            td.num { (c.amount.to_string()) }
+                            td { (ui::badge(&c.recorded_status)) }
+                            td { (ui::badge(outcome_str(c.old))) " → " (ui::badge(outcome_str(c.new))) }
+                            td.small { (c.new_reasons.join(", ")) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,38 +237,13 @@ fn dry_run_markup(d: &DryRunView) -> Markup {
             @if d.current_invalid { p.error { "The current policy could not be read: it counts as no policy (everything declined)." } }
             (preview_markup(d))
             @if d.truncated { p.error { "Only the first " (MAX_REPLAY) " intents of the window were replayed." } }
-            div.cards {
-                div.card { div.label { "Intents replayed" } div.big #dry-run-replayed { (s.replayed) } @if d.skipped > 0 { div.small.muted { (d.skipped) " skipped (unknown currency)" } } }
-                div.card data-test="dry-run-current" {
-                    div.label { "Current policy" @if let Some(r) = d.current_revision { " (revision " (r) ")" } }
-                    div { span #current-approved { (s.current.approved) } " approved · " span #current-pending { (s.current.pending) } " pending · " span #current-declined { (s.current.declined) } " declined" }
-                }
-                div.card data-test="dry-run-draft" {
-                    div.label { "Draft" }
-                    div { span #draft-approved { (s.draft.approved) } " approved · " span #draft-pending { (s.draft.pending) } " pending · " span #draft-declined { (s.draft.declined) } " declined" }
-                }
-                div.card { div.label { "Outcomes that change" } div.big #dry-run-changed { (s.changes.len()) } }
-            }
-            @if s.changes.is_empty() {
-                p.muted #dry-run-no-changes { "No outcome would change." }
-            } @else {
-                table #dry-run-changes {
-                    thead { tr { th { "Time" } th { "Intent" } th { "Merchant" } th.num { "Amount" } th { "Recorded" } th { "Current → draft" } th { "Draft reasons" } } }
-                    tbody {
-                        @for c in &s.changes {
-                            tr data-test="dry-run-change" data-intent-id=(c.id) data-old=(dryrun::outcome_str(c.old)) data-new=(dryrun::outcome_str(c.new)) {
-                                td.small { (ui::time(c.at)) }
-                                td.small { a href={"/transactions/" (seg(&c.id))} { (c.id) } }
-                                td { (c.merchant) }
-                                td.num { (c.amount.to_string()) }
-                                td { (ui::badge(&c.recorded_status)) }
-                                td { (ui::badge(dryrun::outcome_str(c.old))) " → " (ui::badge(dryrun::outcome_str(c.new))) }
-                                td.small { (c.new_reasons.join(", ")) }
-                            }
-                        }
-                    }
-                }
-            }
+            (dryrun::results_markup(s, &dryrun::Labels {
+                current: html! { "Current policy" @if let Some(r) = d.current_revision { " (revision " (r) ")" } },
+                draft: "Draft",
+                change: "Current → draft",
+                reasons: "Draft reasons",
+                replayed_note: (d.skipped > 0).then(|| format!("{} skipped (unknown currency)", d.skipped)),
+            }))
         }
     }
 }
@@ -386,6 +361,42 @@ fn normalize_newlines(s: &str) -> String {
     s.replace("\r\n", "\n")
 }
 
+/// The editor again with the draft's errors (`422`): nothing was published.
+#[allow(clippy::too_many_arguments)]
+fn invalid_draft(
+    session: &Session,
+    headers: &HeaderMap,
+    agent: &Agent,
+    revisions: &[PolicyRevision],
+    draft: &str,
+    days: &str,
+    base: i64,
+    errors: &[PolicyError],
+) -> Response {
+    let content = editor_markup(
+        session,
+        &Editor {
+            agent,
+            revisions,
+            draft,
+            errors,
+            days,
+            dry_run: None,
+            base,
+            conflict: None,
+            loaded_from: None,
+        },
+    );
+    ui::page_with_status(
+        session,
+        headers,
+        Nav::Policies,
+        &title(agent),
+        content,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+}
+
 /// `POST /agents/{id}/policy`: publish the draft as a new revision.
 async fn publish(
     State(state): State<DashState>,
@@ -405,27 +416,8 @@ async fn publish(
     let policy = match parse_draft(&draft) {
         Ok((policy, _)) => policy,
         Err(errors) => {
-            let content = editor_markup(
-                &m.session,
-                &Editor {
-                    agent: &agent,
-                    revisions: &revisions,
-                    draft: &draft,
-                    errors: &errors,
-                    days: &days,
-                    dry_run: None,
-                    base,
-                    conflict: None,
-                    loaded_from: None,
-                },
-            );
-            return Ok(ui::page_with_status(
-                &m.session,
-                &headers,
-                Nav::Policies,
-                &title(&agent),
-                content,
-                StatusCode::UNPROCESSABLE_ENTITY,
+            return Ok(invalid_draft(
+                &m.session, &headers, &agent, &revisions, &draft, &days, base, &errors,
             ));
         }
     };
@@ -515,27 +507,8 @@ async fn dry_run(
         (p, d) => {
             let mut errors = p.err().unwrap_or_default();
             errors.extend(d.err());
-            let content = editor_markup(
-                &m.session,
-                &Editor {
-                    agent: &agent,
-                    revisions: &revisions,
-                    draft: &draft,
-                    errors: &errors,
-                    days: &days_text,
-                    dry_run: None,
-                    base,
-                    conflict: None,
-                    loaded_from: None,
-                },
-            );
-            return Ok(ui::page_with_status(
-                &m.session,
-                &headers,
-                Nav::Policies,
-                &title(&agent),
-                content,
-                StatusCode::UNPROCESSABLE_ENTITY,
+            return Ok(invalid_draft(
+                &m.session, &headers, &agent, &revisions, &draft, &days_text, base, &errors,
             ));
         }
     };
@@ -559,27 +532,8 @@ async fn dry_run(
     let compiled = match super::agents::budgets::folded(draft_policy, &own).compile() {
         Ok(c) => c,
         Err(errors) => {
-            let content = editor_markup(
-                &m.session,
-                &Editor {
-                    agent: &agent,
-                    revisions: &revisions,
-                    draft: &draft,
-                    errors: &errors,
-                    days: &days_text,
-                    dry_run: None,
-                    base,
-                    conflict: None,
-                    loaded_from: None,
-                },
-            );
-            return Ok(ui::page_with_status(
-                &m.session,
-                &headers,
-                Nav::Policies,
-                &title(&agent),
-                content,
-                StatusCode::UNPROCESSABLE_ENTITY,
+            return Ok(invalid_draft(
+                &m.session, &headers, &agent, &revisions, &draft, &days_text, base, &errors,
             ));
         }
     };

@@ -917,6 +917,11 @@ async fn relay_end_to_end(ctx: Ctx) {
 
     // The relay checks card creations and refuses anything else.
     let relay = |path: &str| format!("{}/api/sync/v1/stripe/v1/{path}", ctx.cp);
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
     let card_form = |amount: i64| {
         vec![
             ("currency".to_string(), "usd".to_string()),
@@ -929,6 +934,7 @@ async fn relay_end_to_end(ctx: Ctx) {
             ),
             ("metadata[roony_agent_id]".into(), agent.clone()),
             ("metadata[roony_intent_id]".into(), "pur_forged".into()),
+            ("metadata[roony_expires]".into(), expires.to_string()),
             (
                 "spending_controls[spending_limits][0][amount]".into(),
                 amount.to_string(),

@@ -94,6 +94,7 @@ on_both!(
     transactions_filter_and_show_the_chain,
     csv_export_quotes_and_guards,
     exports_stream_every_row_and_settlements,
+    overview_reserved_is_what_budgets_hold,
 );
 
 /// A policy without risk noise (thresholds off) and the given per-purchase limit.
@@ -1730,6 +1731,20 @@ async fn dry_run_includes_agent_budgets(mut ctx: Ctx) {
         .await;
     assert_eq!(p.status, 422);
     assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
+    // Equal to the policy's (USD 10,000.00) it would have no effect either: refused.
+    let p = ctx
+        .admin
+        .post(
+            &path,
+            &[
+                ("period", "monthly"),
+                ("currency", "USD"),
+                ("amount", "10000"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
     let p = ctx
         .admin
         .post(
@@ -1749,4 +1764,64 @@ async fn dry_run_includes_agent_budgets(mut ctx: Ctx) {
             .status,
         403
     );
+}
+
+/// The overview's "reserved" is what open purchases count against budgets beyond what was
+/// captured: the hold (or the amount when no reservation was reported), refunds included.
+async fn overview_reserved_is_what_budgets_hold(mut ctx: Ctx) {
+    let a = ctx.agent.clone();
+    let t = now() - 600;
+    // Held 10_100; 3_000 captured and refunded again: all 10_100 still held.
+    synced(&ctx, snapshot("pur_res_a", &a, "approved", 10_000, t)).await;
+    settle(
+        &ctx,
+        "ipi_res_1",
+        "ic_pur_res_a",
+        "capture",
+        3_000,
+        "usd",
+        t + 1,
+    )
+    .await;
+    settle(
+        &ctx,
+        "ipi_res_2",
+        "ic_pur_res_a",
+        "refund",
+        3_000,
+        "usd",
+        t + 2,
+    )
+    .await;
+    // No reservation reported: its amount is held.
+    let mut b = snapshot("pur_res_b", &a, "issuing", 4_000, t);
+    b.reserved = 0;
+    b.card = None;
+    synced(&ctx, b).await;
+    // Captured beyond its hold: nothing is left reserved.
+    synced(&ctx, snapshot("pur_res_c", &a, "approved", 1_000, t)).await;
+    settle(
+        &ctx,
+        "ipi_res_3",
+        "ic_pur_res_c",
+        "capture",
+        1_500,
+        "usd",
+        t + 3,
+    )
+    .await;
+    // Settled: not open, nothing reserved.
+    synced(&ctx, snapshot("pur_res_d", &a, "settled", 7_000, t)).await;
+
+    let reserved = ctx.db.dash_a_reserved_by_currency().await.unwrap();
+    assert_eq!(reserved.len(), 1, "{reserved:?}");
+    assert_eq!(
+        (reserved[0].currency.as_str(), reserved[0].amount),
+        ("USD", 14_100)
+    );
+    let page = ctx.admin.get("/").await;
+    assert_eq!(page.status, 200);
+    let at = page.body.find("data-test=\"reserved\"").unwrap();
+    let card: String = page.body[at..].chars().take(300).collect();
+    assert!(card.contains("141.00"), "{card}");
 }

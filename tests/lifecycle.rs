@@ -181,8 +181,12 @@ async fn interrupted_issuance_is_recovered_without_a_second_card() {
             .create_cardholder("agt_test", "t", &Default::default())
             .await
             .unwrap();
+        // Exactly what the sidecar sends (a standalone sidecar's card says when it expires).
         let spec = roony::issuer::CardSpec {
-            metadata: Default::default(),
+            metadata: std::collections::BTreeMap::from([(
+                "roony_expires".to_string(),
+                b.expires_at.unwrap().to_string(),
+            )]),
             intent_id: b.id.clone(),
             agent_id: "agt_test".into(),
             cardholder: holder,

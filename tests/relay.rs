@@ -201,6 +201,31 @@ impl Ctx {
         (status, v)
     }
 
+    /// A card as a synced sidecar makes it: metadata signed with its token (the control
+    /// plane adopts such a card rather than canceling it as an orphan).
+    async fn signed(&self, a: &Agent, holder: &str, amount: i64) -> (u16, Value) {
+        let intent = roony::service::ids::intent_id();
+        let mut md = BTreeMap::from([
+            ("roony_intent_id".to_string(), intent.clone()),
+            ("roony_agent_id".to_string(), a.id.clone()),
+            ("roony_limit".to_string(), amount.to_string()),
+            ("roony_currency".to_string(), "USD".to_string()),
+            ("roony_merchant".to_string(), "Namecheap".to_string()),
+            ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
+            ("roony_expires".to_string(), (unix_now() + 600).to_string()),
+        ]);
+        let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
+        md.insert("roony_sig".to_string(), sig);
+        let mut f = card_form(&a.id, &intent, holder, amount);
+        for (k, v) in &md {
+            set(&mut f, &format!("metadata[{k}]"), v);
+        }
+        let (status, v, _) = self
+            .post(&a.token, "issuing/cards", &f, Some(&new_key()))
+            .await;
+        (status, v)
+    }
+
     async fn emulator_card(&self, id: &str) -> Value {
         self.http
             .0
@@ -374,9 +399,18 @@ fn cardholder_form(agent: &str) -> Vec<(String, String)> {
     ])
 }
 
-/// A card creation exactly as Roony's issuer sends it.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A card creation exactly as Roony's issuer sends it (expiring in 10 minutes).
 fn card_form(agent: &str, intent: &str, holder: &str, amount: i64) -> Vec<(String, String)> {
+    let expires = (unix_now() + 600).to_string();
     form(&[
+        ("metadata[roony_expires]", &expires),
         ("cardholder", holder),
         ("currency", "usd"),
         ("lifecycle_controls[cancel_after][payment_count]", "1"),
@@ -402,6 +436,7 @@ on_both!(
     approvals_and_the_ledger,
     concurrent_creations_never_exceed_the_budget,
     crash_recovery_through_the_relay,
+    relay_cards_expire,
 );
 
 async fn only_the_issuers_shape_passes(ctx: Ctx) {
@@ -472,6 +507,7 @@ async fn only_the_issuers_shape_passes(ctx: Ctx) {
         ("roony_currency".to_string(), "USD".to_string()),
         ("roony_merchant".to_string(), "Namecheap".to_string()),
         ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
+        ("roony_expires".to_string(), (unix_now() + 600).to_string()),
     ]);
     let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
     md.insert("roony_sig".to_string(), sig);
@@ -1188,8 +1224,10 @@ async fn crash_recovery_through_the_relay(ctx: Ctx) {
             .create_cardholder(&a.id, "relay agent", &Default::default())
             .await
             .unwrap();
+        // As the sidecar issues it: expiring with its intent.
+        let expires = second.expires_at.unwrap().to_string();
         let spec = roony::issuer::CardSpec {
-            metadata: Default::default(),
+            metadata: BTreeMap::from([("roony_expires".to_string(), expires)]),
             intent_id: second.id.clone(),
             agent_id: a.id.clone(),
             cardholder: holder,
@@ -1221,4 +1259,210 @@ async fn crash_recovery_through_the_relay(ctx: Ctx) {
     let rows = ctx.db.relay_cards_of_agent(&a.id).await.unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(svc.recover().await.unwrap(), 0);
+}
+
+/// Relay cards expire: the relay takes only a `roony_expires` within the policy's card
+/// lifetime; a live card counts against every budget period (it can still be spent), an
+/// expired one at what it spent; the sweep cancels it at Stripe; a sidecar's card expires
+/// with its intent, and past the relay's expiry its real-time authorizations are declined
+/// whatever its sidecar says about the intent.
+async fn relay_cards_expire(ctx: Ctx) {
+    let a = ctx
+        .agent(policy(json!({
+            "max_per_transaction": 5_000,
+            "budgets": [{"period": "daily", "limit": 10_000}],
+            "card_ttl_seconds": 600
+        })))
+        .await;
+    let (status, holder, _) = ctx
+        .post(
+            &a.token,
+            "issuing/cardholders",
+            &cardholder_form(&a.id),
+            Some(&new_key()),
+        )
+        .await;
+    assert_eq!(status, 200, "{holder}");
+    let holder = holder["id"].as_str().unwrap().to_string();
+    let now = unix_now();
+
+    // Only an expiry within the policy's card lifetime (plus clock skew) passes.
+    for (expires, why) in [
+        (None, "roony_expires"),
+        (Some("soon".to_string()), "roony_expires"),
+        (Some((now - 1).to_string()), "has passed"),
+        (Some((now + 600 + 301 + 5).to_string()), "card_ttl_seconds"),
+    ] {
+        let intent = roony::service::ids::intent_id();
+        let mut f = card_form(&a.id, &intent, &holder, 1_000);
+        unset(&mut f, "metadata[roony_expires]");
+        if let Some(e) = &expires {
+            set(&mut f, "metadata[roony_expires]", e);
+        }
+        let (status, v, _) = ctx
+            .post(&a.token, "issuing/cards", &f, Some(&new_key()))
+            .await;
+        assert_eq!(status, 403, "{expires:?}: {v}");
+        assert_eq!(v["error"]["code"], "relay_forbidden");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
+    }
+    let (status, v) = ctx.signed(&a, &holder, 3_000).await;
+    assert_eq!(status, 200, "{v}");
+    let row = ctx
+        .db
+        .relay_card(v["metadata"]["roony_intent_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        row.expires_at > now && row.expires_at <= unix_now() + 600,
+        "{row:?}"
+    );
+
+    // A card of 4_000, then made to look created two days ago: still live, it counts
+    // against today's budget (3_000 + 4_000 + 3_001 > 10_000).
+    let (status, old) = ctx.signed(&a, &holder, 4_000).await;
+    assert_eq!(status, 200, "{old}");
+    let old_id = old["id"].as_str().unwrap().to_string();
+    let old_intent = old["metadata"]["roony_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exec = |sql: String| {
+        let pool = ctx.db.pool().clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    exec(format!(
+        "UPDATE relay_cards SET created_at = {} WHERE intent_id = '{old_intent}'",
+        now - 2 * 86_400
+    ))
+    .await;
+    let (status, v) = ctx.signed(&a, &holder, 3_001).await;
+    assert_eq!(status, 403, "a live card of another day still counts: {v}");
+    // Expired, it counts at what it spent (nothing) and only in its own day.
+    exec(format!(
+        "UPDATE relay_cards SET expires_at = {} WHERE intent_id = '{old_intent}'",
+        now - 1
+    ))
+    .await;
+    let (status, v) = ctx.signed(&a, &holder, 5_000).await;
+    assert_eq!(status, 200, "3_000 + 5_000 of 10_000: {v}");
+    let last = v["id"].as_str().unwrap().to_string();
+    let last_intent = v["metadata"]["roony_intent_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The sweep cancels the expired card at Stripe (and only it), once.
+    let swept = roony::control::relay::sweep_expired(&ctx.db, unix_now())
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    assert_eq!(ctx.emulator_card(&old_id).await["status"], "canceled");
+    assert_eq!(ctx.emulator_card(&last).await["status"], "active");
+    let row = ctx.db.relay_card(&old_intent).await.unwrap().unwrap();
+    assert!(row.canceled_at.is_some(), "{row:?}");
+    assert_eq!(
+        roony::control::relay::sweep_expired(&ctx.db, unix_now())
+            .await
+            .unwrap(),
+        0
+    );
+    // A card canceled at Stripe behind the relay's back is marked canceled by the sweep too.
+    ctx.http
+        .0
+        .post(format!("{}/v1/issuing/cards/{last}", ctx.emu_url))
+        .bearer_auth(DIRECT_KEY)
+        .form(&[("status", "canceled")])
+        .send()
+        .await
+        .unwrap();
+    exec(format!(
+        "UPDATE relay_cards SET expires_at = {} WHERE intent_id = '{last_intent}'",
+        now - 1
+    ))
+    .await;
+    until(Duration::from_secs(15), "the canceled card swept", || {
+        let db = ctx.db.clone();
+        let intent = last_intent.clone();
+        async move {
+            let _ = roony::control::relay::sweep_expired(&db, unix_now()).await;
+            db.relay_card(&intent)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.canceled_at.is_some())
+        }
+    })
+    .await;
+
+    // A sidecar's card expires with its intent (the policy's card lifetime).
+    let sc = ctx.sidecar(&a).await;
+    let (status, bought) = ctx.http.buy(&sc.url, &a.key, 1_000).await;
+    assert_eq!(status, 201, "{bought}");
+    let bought_intent = bought["id"].as_str().unwrap().to_string();
+    let bought_card = bought["card"]["id"].as_str().unwrap().to_string();
+    let row = ctx.db.relay_card(&bought_intent).await.unwrap().unwrap();
+    assert!(
+        row.expires_at > now && row.expires_at <= unix_now() + 600,
+        "{row:?}"
+    );
+    // The relay's expiry bounds the card's authorizations, whatever the sidecar said about
+    // the intent: past it, the real-time authorization declines.
+    exec(format!(
+        "UPDATE relay_cards SET expires_at = {} WHERE intent_id = '{bought_intent}'",
+        now - 1
+    ))
+    .await;
+    let auth: Value = ctx
+        .http
+        .0
+        .post(format!(
+            "{}/v1/test_helpers/issuing/authorizations",
+            ctx.emu_url
+        ))
+        .bearer_auth(DIRECT_KEY)
+        .form(&[
+            ("card", bought_card.as_str()),
+            ("amount", "1000"),
+            ("currency", "usd"),
+            ("merchant_data[name]", "NAMECHEAP.COM"),
+            ("merchant_data[country]", "US"),
+            ("merchant_data[network_id]", "net_namecheap"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(auth["approved"], false, "{auth}");
+    let auth_id = auth["id"].as_str().unwrap().to_string();
+    let mut reasons = None;
+    for _ in 0..500 {
+        use sqlx::Row;
+        // Roony's decision (the ledger's row later holds Stripe's words for it).
+        reasons = sqlx::query(
+            "SELECT details FROM audit_events WHERE action = 'authorization.decide' AND target_id = $1",
+        )
+        .bind(auth_id.clone())
+        .fetch_optional(ctx.db.pool())
+        .await
+        .unwrap()
+        .map(|r| r.get::<String, _>("details"));
+        if reasons.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        reasons
+            .as_deref()
+            .is_some_and(|r| r.contains("intent_expired")),
+        "{reasons:?} {auth}"
+    );
 }

@@ -954,6 +954,27 @@ pub async fn bundle_status(db: &ControlDb, org_id: &str) -> Result<Option<String
     })
 }
 
+/// Whether the connection `credential` was taken from is still the organization's live one:
+/// connected, and the same account connected at the same time (a disconnect followed by a
+/// reconnect meanwhile is another connection). Direct mode is always live.
+pub async fn still_connected(
+    db: &ControlDb,
+    org_id: &str,
+    credential: &IssuingCredential,
+) -> Result<bool, DbError> {
+    Ok(match &db.stripe_setup().credentials {
+        StripeCredentials::Direct { .. } => true,
+        StripeCredentials::Connect(_) => match db.stripe_connection(org_id).await? {
+            Some(r) if r.status == "connected" => {
+                credential.connection.is_some()
+                    && r.account_id.zip(r.connected_at) == credential.connection
+            }
+            _ => false,
+        },
+        StripeCredentials::None => false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

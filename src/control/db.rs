@@ -84,6 +84,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dashboard money",
         include_str!("../../migrations/0013_dashboard_money.sql"),
     ),
+    (
+        14,
+        "relay expiry",
+        include_str!("../../migrations/0014_relay_expiry.sql"),
+    ),
 ];
 
 pub mod admin_users;
@@ -138,6 +143,22 @@ pub enum DecideError {
 impl From<sqlx::Error> for DecideError {
     fn from(e: sqlx::Error) -> Self {
         DecideError::Db(e.into())
+    }
+}
+
+impl DbError {
+    /// A failure that a retry of the whole transaction may not meet again: PostgreSQL's
+    /// deadlock (40P01) or serialization failure (40001), SQLite's busy or locked database.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sql(sqlx::Error::Database(d)) => {
+                matches!(
+                    d.code().as_deref(),
+                    Some("40P01" | "40001" | "5" | "6" | "517")
+                )
+            }
+            _ => false,
+        }
     }
 }
 

@@ -270,9 +270,13 @@ pub async fn serve_db(
     let app = api::router_with_dashboard(db.clone(), stop_rx, audit.clone(), dashboard);
     // Periodic reconciliation (nothing when it is off), ended with the server.
     let periodic = tokio::spawn(reconcile::periodic(db.clone()));
+    // Relay cards past their expiry are canceled at Stripe.
+    let sweep = tokio::spawn(relay::periodic_sweep(db.clone()));
     let result = crate::api::serve(listener, app, shutdown).await;
     periodic.abort();
+    sweep.abort();
     let _ = periodic.await;
+    let _ = sweep.await;
     // The request events of the last requests, before the pool closes.
     audit.flush().await;
     db.close().await;

@@ -14,7 +14,9 @@
 //! - `POST issuing/cards`: a `virtual`, `active` card with one `all_time` spending limit,
 //!   `lifecycle_controls[cancel_after][payment_count]=1`, category and country controls at
 //!   least as strict as the agent's policy, Roony's metadata (consistent with the limit and
-//!   currency; a `roony_sig` must verify with the sidecar's token). The limit is at most the
+//!   currency; a `roony_sig` must verify with the sidecar's token; a `roony_expires` within
+//!   the policy's card lifetime, after which the card's authorizations are declined and
+//!   [`sweep_expired`] cancels it). The limit is at most the
 //!   policy's per-transaction maximum (or smallest budget) plus its card buffer; above the
 //!   approval threshold the intent must be one an administrator approved; one card per
 //!   intent (an idempotent retry with the same `Idempotency-Key` passes); and every budget of
@@ -45,7 +47,7 @@ use sha2::{Digest, Sha256};
 use super::api::AdminState;
 use super::connect::{self, ConnectError};
 use super::db::{
-    Actor, RelayBound, RelayCardClaim, RelayClaim, RelayFacts, RelayScope, RelayVerdict,
+    Actor, ControlDb, RelayBound, RelayCardClaim, RelayClaim, RelayFacts, RelayScope, RelayVerdict,
     SidecarAuth,
 };
 use crate::domain::money::Currency;
@@ -62,6 +64,11 @@ pub const DISCONNECTED: &str = "stripe_account_disconnected";
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// Most entries of a card's category or country list.
 const MAX_LIST: usize = 1_000;
+/// How far the sidecar's clock may run ahead of the control plane's, for `roony_expires`.
+const CLOCK_SKEW_SECONDS: i64 = 300;
+/// How long after its claim a card creation may be retried with its idempotency key
+/// (Stripe forgets keys after 24 hours; a later replay would make a second card).
+const RETRY_WINDOW_SECONDS: i64 = 23 * 3_600;
 /// Longest metadata value (Stripe's limit).
 const MAX_METADATA_VALUE: usize = 500;
 /// The metadata keys Roony's issuer sets on a card.
@@ -264,7 +271,7 @@ pub async fn relay(
         }
     };
     let forward = Forward {
-        state: &state,
+        db: &state.db,
         credential: &credential,
         org_id: &sidecar.org_id,
         idempotency_key: key.as_deref(),
@@ -283,7 +290,23 @@ pub async fn relay(
                 .await
                 .map_or_else(|f| f.response, IntoResponse::into_response)
         }
-        Call::CreateCard => create_card(&state, &sidecar, &token_id, &forward, &path, &body).await,
+        Call::CreateCard => {
+            // Claim, Stripe and record run to their end even if the sidecar hangs up
+            // meanwhile: a dropped request would leave a claim without its card.
+            let job = tokio::spawn(create_card(CardJob {
+                state: state.clone(),
+                sidecar,
+                token_id,
+                credential,
+                idempotency_key: key,
+                path,
+                body,
+            }));
+            job.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "relay: the card creation task failed");
+                internal("the card could not be created")
+            })
+        }
         Call::RetrieveCard => {
             let answer = match forward.send(&method, &path, query.as_deref(), None).await {
                 Ok(a) => a,
@@ -332,16 +355,36 @@ pub async fn relay(
     }
 }
 
+/// What a card creation owns (it runs in its own task).
+struct CardJob {
+    state: AdminState,
+    sidecar: SidecarAuth,
+    token_id: String,
+    credential: connect::IssuingCredential,
+    idempotency_key: Option<String>,
+    path: String,
+    body: Bytes,
+}
+
 /// A card creation: checked, claimed (one card per intent, budgets), forwarded, recorded.
-async fn create_card(
-    state: &AdminState,
-    sidecar: &SidecarAuth,
-    token_id: &str,
-    forward: &Forward<'_>,
-    path: &str,
-    body: &Bytes,
-) -> Response {
-    let checked = match check_card(state, sidecar, token_id, body).await {
+async fn create_card(job: CardJob) -> Response {
+    let CardJob {
+        state,
+        sidecar,
+        token_id,
+        credential,
+        idempotency_key,
+        path,
+        body,
+    } = job;
+    let (state, sidecar, path) = (&state, &sidecar, path.as_str());
+    let forward = &Forward {
+        db: &state.db,
+        credential: &credential,
+        org_id: &sidecar.org_id,
+        idempotency_key: idempotency_key.as_deref(),
+    };
+    let checked = match check_card(state, sidecar, &token_id, &body).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -359,6 +402,8 @@ async fn create_card(
         currency: checked.currency.code().to_string(),
         spending_limit: checked.limit,
         idempotency_key_hash: sha256_hex(key),
+        expires_at: checked.expires_at,
+        policy_revision: checked.policy_revision,
         bounds: checked.bounds.clone(),
     };
     let actor = Actor {
@@ -369,7 +414,12 @@ async fn create_card(
     };
     let claimed = state
         .db
-        .claim_relay_card(&claim, |facts| judge(&checked, &claim, facts), &actor, now)
+        .claim_relay_card(
+            &claim,
+            |facts| judge(&checked, &claim, facts, now),
+            &actor,
+            now,
+        )
         .await;
     let created = match claimed {
         Ok(RelayClaim::Created) => true,
@@ -391,16 +441,20 @@ async fn create_card(
     {
         Ok(a) => a,
         Err(f) => {
-            if !f.card_may_exist {
+            // Only the claim this request made is released: a retry's failure leaves the
+            // first request's claim alone.
+            if created && !f.card_may_exist {
                 release(state, &claim).await;
             }
             return f.response;
         }
     };
     if !answer.status.is_success() {
-        // A refusal Stripe decided (4xx but a conflict or a rate limit) made no card.
+        // A refusal Stripe decided (a 4xx but a conflict, which may be another request
+        // with the key in flight; a rate limit is decided before anything is made) made
+        // no card.
         let status = answer.status.as_u16();
-        if (400..500).contains(&status) && status != 409 && status != 429 {
+        if created && (400..500).contains(&status) && status != 409 {
             release(state, &claim).await;
         }
         return answer.into_response();
@@ -427,11 +481,12 @@ async fn create_card(
     }
     if created
         && !matches!(
-            connect::bundle_status(&state.db, &sidecar.org_id).await,
-            Ok(Some(s)) if s == "connected"
+            connect::still_connected(&state.db, &sidecar.org_id, forward.credential).await,
+            Ok(true)
         )
     {
-        // Disconnected while the card was being made: it must not outlive the connection.
+        // Disconnected (or reconnected: another connection) while the card was being made:
+        // it must not outlive the connection it was made with.
         tracing::warn!(card = %card_id, "relay: the account was disconnected meanwhile; canceling the card");
         if forward.cancel(card_id).await
             && let Err(e) = state.db.relay_card_canceled(card_id, now).await
@@ -488,7 +543,7 @@ struct Failure {
 }
 
 struct Forward<'a> {
-    state: &'a AdminState,
+    db: &'a ControlDb,
     credential: &'a connect::IssuingCredential,
     org_id: &'a str,
     idempotency_key: Option<&'a str>,
@@ -503,7 +558,7 @@ impl Forward<'_> {
         query: Option<&str>,
         form: Option<String>,
     ) -> Result<Answer, Failure> {
-        let setup = self.state.db.stripe_setup();
+        let setup = self.db.stripe_setup();
         let mut url = format!("{}/v1/{path}", setup.api_base());
         if let Some(q) = query.filter(|q| !q.is_empty()) {
             url.push('?');
@@ -566,13 +621,8 @@ impl Forward<'_> {
             // The stored credential no longer works (e.g. revoked at Stripe): issuing stops
             // for the organization, and its connection says so.
             tracing::warn!(org = %self.org_id, "stripe refused the relay's credential");
-            connect::credential_refused(
-                &self.state.db,
-                self.org_id,
-                self.credential,
-                super::unix_now(),
-            )
-            .await;
+            connect::credential_refused(self.db, self.org_id, self.credential, super::unix_now())
+                .await;
             return Err(Failure {
                 response: disconnected(
                     "stripe refused the organization's credential; reconnect the stripe account",
@@ -585,6 +635,23 @@ impl Forward<'_> {
             headers,
             body,
         })
+    }
+
+    /// Whether Stripe says the card is canceled (e.g. canceled there meanwhile).
+    async fn is_canceled(&self, card_id: &str) -> bool {
+        match self
+            .send(
+                &Method::GET,
+                &format!("issuing/cards/{card_id}"),
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(a) if a.status.is_success() => serde_json::from_slice::<Value>(&a.body)
+                .is_ok_and(|c| c.get("status").and_then(Value::as_str) == Some("canceled")),
+            _ => false,
+        }
     }
 
     /// Cancels a card the relay just made; `true` if Stripe says it is canceled.
@@ -612,6 +679,65 @@ impl Forward<'_> {
                 tracing::error!(card = %card_id, "relay: the card could not be canceled");
                 false
             }
+        }
+    }
+}
+
+// ----- expired cards -------------------------------------------------------------------
+
+/// Most expired cards one sweep cancels.
+const SWEEP_BATCH: i64 = 100;
+/// How often the control plane sweeps.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Cancels relay cards past their expiry that are still live at Stripe (at most
+/// [`SWEEP_BATCH`]), each marked canceled once Stripe says so. Their real-time
+/// authorizations are declined already; canceling makes Stripe agree, and from then on the
+/// card counts at what it spent. Returns how many were canceled; a card Stripe would not
+/// cancel (or an organization without a usable credential) is left for the next sweep.
+pub async fn sweep_expired(db: &ControlDb, now: i64) -> Result<usize, super::db::DbError> {
+    let rows = db.expired_relay_cards(now, SWEEP_BATCH).await?;
+    let mut canceled = 0;
+    let mut credentials: BTreeMap<String, Option<connect::IssuingCredential>> = BTreeMap::new();
+    for row in rows {
+        let Some(card_id) = row.card_id.as_deref() else {
+            continue;
+        };
+        if !credentials.contains_key(&row.org_id) {
+            let credential = match connect::issuing_credential(db, &row.org_id).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(org = %row.org_id, code = e.code(), "relay sweep: no stripe credential; expired cards stay live at stripe");
+                    None
+                }
+            };
+            credentials.insert(row.org_id.clone(), credential);
+        }
+        let Some(Some(credential)) = credentials.get(&row.org_id) else {
+            continue;
+        };
+        let forward = Forward {
+            db,
+            credential,
+            org_id: &row.org_id,
+            idempotency_key: None,
+        };
+        if forward.cancel(card_id).await || forward.is_canceled(card_id).await {
+            // Stripe's `issuing_card.updated` may have marked it already.
+            db.relay_card_canceled(card_id, now).await?;
+            tracing::info!(card = %card_id, intent = %row.intent_id, "relay: canceled an expired card");
+            canceled += 1;
+        }
+    }
+    Ok(canceled)
+}
+
+/// Sweeps expired relay cards every [`SWEEP_INTERVAL`], until aborted.
+pub async fn periodic_sweep(db: ControlDb) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        if let Err(e) = sweep_expired(&db, super::unix_now()).await {
+            tracing::warn!(error = %e, "relay sweep of expired cards failed");
         }
     }
 }
@@ -813,6 +939,10 @@ struct CheckedCard {
     /// Above this limit the intent must be approved by an administrator (the policy's
     /// `require_approval_above` plus the buffer).
     approval_above: Option<i64>,
+    /// The card's `roony_expires`.
+    expires_at: i64,
+    /// The policy revision the card was checked against.
+    policy_revision: i64,
     bounds: Vec<RelayBound>,
     /// The re-encoded body.
     form: String,
@@ -866,9 +996,12 @@ fn controls_within(
 
 /// The agent's compiled policy with its admin-set budgets folded in (as its sidecar
 /// applies them).
-async fn agent_policy(state: &AdminState, agent_id: &str) -> Result<CompiledPolicy, Response> {
-    let document = match state.db.get_policy(agent_id).await {
-        Ok(p) => p.document,
+async fn agent_policy(
+    state: &AdminState,
+    agent_id: &str,
+) -> Result<(CompiledPolicy, i64), Response> {
+    let (document, revision) = match state.db.get_policy(agent_id).await {
+        Ok(p) => (p.document, p.revision),
         Err(super::db::DbError::NotFound(_)) => {
             return Err(forbidden("the agent has no policy"));
         }
@@ -900,6 +1033,7 @@ async fn agent_policy(state: &AdminState, agent_id: &str) -> Result<CompiledPoli
         .collect();
     crate::sync::client::with_budgets(policy, agent_id, &budgets)
         .compile()
+        .map(|p| (p, revision))
         .map_err(|_| forbidden("the agent's policy is not valid"))
 }
 
@@ -1012,7 +1146,23 @@ async fn check_card(
         return Err(forbidden("roony_intent_id is not an intent id"));
     }
     let agent = active_agent(state, sidecar, &agent_id).await?;
-    let policy = agent_policy(state, &agent.id).await?;
+    let (policy, policy_revision) = agent_policy(state, &agent.id).await?;
+    // The card expires: within the policy's card lifetime from now (allowing for the
+    // sidecar's clock). After it, its real-time authorizations are declined.
+    let now = super::unix_now();
+    let expires_at = md
+        .get("roony_expires")
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or_else(|| forbidden("a card needs roony_expires (unix seconds)"))?;
+    if expires_at <= now {
+        return Err(forbidden("roony_expires has passed"));
+    }
+    if expires_at > now + i64::from(policy.card_ttl_seconds) + CLOCK_SKEW_SECONDS {
+        return Err(forbidden(
+            "roony_expires is later than the agent's policy lets a card live (card_ttl_seconds)",
+        ));
+    }
 
     match text(&params, "type") {
         Some("virtual") => {}
@@ -1173,7 +1323,6 @@ async fn check_card(
             "the spending limit is above the agent's per-transaction maximum",
         ));
     }
-    let now = super::unix_now();
     let bounds = bounds_for(state, sidecar, &agent.id, &policy, now).await?;
 
     let mut pairs: Vec<(String, String)> = vec![
@@ -1213,6 +1362,8 @@ async fn check_card(
         limit: amount,
         buffer_bps: bps,
         approval_above: policy.require_approval_above.map(|t| with_buffer(t, bps)),
+        expires_at,
+        policy_revision,
         bounds,
         form: encode(&pairs),
     })
@@ -1220,8 +1371,11 @@ async fn check_card(
 
 /// The checks that need the ledger, read under the agent's lock (pure):
 ///
+/// - the agent is still active and its policy still the revision the card was checked
+///   against (a freeze or a publish that landed meanwhile refuses the card);
 /// - one card per intent: an intent with a card gets no other, but a retry with the same
-///   idempotency key (and no larger limit) is forwarded — Stripe replays its answer;
+///   idempotency key (and no larger limit, within [`RETRY_WINDOW_SECONDS`]) is forwarded —
+///   Stripe replays its answer (and refuses a retry whose parameters differ);
 /// - an intent the ledger knows must be this agent's, in the card's currency, and `issuing`,
 ///   `approved` or `failed` (a failed issuance is retried with the same intent);
 /// - above the approval threshold, the ledger must show the intent approved by an
@@ -1232,12 +1386,20 @@ fn judge(
     card: &CheckedCard,
     claim: &RelayCardClaim,
     facts: &RelayFacts,
+    now: i64,
 ) -> Result<RelayVerdict, String> {
+    if facts.agent_status != "active" {
+        return Err(format!("the agent is {}", facts.agent_status));
+    }
+    if facts.policy_revision != Some(card.policy_revision) {
+        return Err("the agent's policy changed while the card was checked; retry".into());
+    }
     if let Some(e) = &facts.existing {
         if e.idempotency_key_hash == claim.idempotency_key_hash
             && e.agent_id == claim.agent_id
             && e.currency == claim.currency
             && claim.spending_limit <= e.spending_limit
+            && now.saturating_sub(e.created_at) < RETRY_WINDOW_SECONDS
         {
             return Ok(RelayVerdict::Retry);
         }
@@ -1434,6 +1596,8 @@ mod tests {
                 limit,
                 buffer_bps: 0,
                 approval_above: Some(5_000),
+                expires_at: 3_600,
+                policy_revision: 2,
                 bounds: bounds.clone(),
                 form: String::new(),
             },
@@ -1446,6 +1610,8 @@ mod tests {
                 currency: "USD".into(),
                 spending_limit: limit,
                 idempotency_key_hash: "k".into(),
+                expires_at: 3_600,
+                policy_revision: 2,
                 bounds,
             },
         )
@@ -1453,23 +1619,30 @@ mod tests {
 
     fn facts(exposure: i64) -> RelayFacts {
         RelayFacts {
+            agent_status: "active".into(),
+            policy_revision: Some(2),
             existing: None,
             intent: None,
             exposures: vec![exposure],
         }
     }
 
+    const NOW: i64 = 1_000;
+
     #[test]
     fn judgements() {
         let (c, claim) = card(3_000);
-        assert_eq!(judge(&c, &claim, &facts(0)), Ok(RelayVerdict::Create));
-        assert_eq!(judge(&c, &claim, &facts(7_000)), Ok(RelayVerdict::Create));
-        let refused = judge(&c, &claim, &facts(7_001)).unwrap_err();
+        assert_eq!(judge(&c, &claim, &facts(0), NOW), Ok(RelayVerdict::Create));
+        assert_eq!(
+            judge(&c, &claim, &facts(7_000), NOW),
+            Ok(RelayVerdict::Create)
+        );
+        let refused = judge(&c, &claim, &facts(7_001), NOW).unwrap_err();
         assert!(refused.contains("agent daily budget"), "{refused}");
         // Unmeasured bounds deny.
         let mut f = facts(0);
         f.exposures.clear();
-        assert!(judge(&c, &claim, &f).is_err());
+        assert!(judge(&c, &claim, &f, NOW).is_err());
         // One card per intent; the same key is a retry (not a larger card).
         let row = RelayCardRow {
             intent_id: "pur_1".into(),
@@ -1483,17 +1656,18 @@ mod tests {
             idempotency_key_hash: "k".into(),
             created_at: 0,
             canceled_at: None,
+            expires_at: 3_600,
         };
         let mut f = facts(10_000);
         f.existing = Some(row.clone());
-        assert_eq!(judge(&c, &claim, &f), Ok(RelayVerdict::Retry));
+        assert_eq!(judge(&c, &claim, &f, NOW), Ok(RelayVerdict::Retry));
         let (c2, claim2) = card(3_001);
-        assert!(judge(&c2, &claim2, &f).is_err());
+        assert!(judge(&c2, &claim2, &f, NOW).is_err());
         f.existing = Some(RelayCardRow {
             idempotency_key_hash: "other".into(),
             ..row
         });
-        assert!(judge(&c, &claim, &f).is_err());
+        assert!(judge(&c, &claim, &f, NOW).is_err());
         // The ledger's intent: this agent's, still to be issued.
         let intent = |agent: &str, status: &str, decision: Option<&str>| LedgerIntentFacts {
             agent_id: agent.into(),
@@ -1504,24 +1678,63 @@ mod tests {
         };
         let mut f = facts(0);
         f.intent = Some(intent("agt_2", "approved", None));
-        assert!(judge(&c, &claim, &f).is_err());
+        assert!(judge(&c, &claim, &f, NOW).is_err());
         for status in ["declined", "canceled", "expired", "pending_approval"] {
             f.intent = Some(intent("agt_1", status, None));
-            assert!(judge(&c, &claim, &f).is_err(), "{status}");
+            assert!(judge(&c, &claim, &f, NOW).is_err(), "{status}");
         }
         for status in ["issuing", "approved", "failed"] {
             f.intent = Some(intent("agt_1", status, None));
-            assert!(judge(&c, &claim, &f).is_ok(), "{status}");
+            assert!(judge(&c, &claim, &f, NOW).is_ok(), "{status}");
         }
         // Above the approval threshold: an administrator's approval of enough.
         let (big, big_claim) = card(6_000);
         f.intent = Some(intent("agt_1", "approved", None));
-        assert!(judge(&big, &big_claim, &f).is_err());
+        assert!(judge(&big, &big_claim, &f, NOW).is_err());
         f.intent = None;
-        assert!(judge(&big, &big_claim, &f).is_err());
+        assert!(judge(&big, &big_claim, &f, NOW).is_err());
         f.intent = Some(intent("agt_1", "approved", Some("approved")));
-        assert_eq!(judge(&big, &big_claim, &f), Ok(RelayVerdict::Create));
+        assert_eq!(judge(&big, &big_claim, &f, NOW), Ok(RelayVerdict::Create));
         let (bigger, bigger_claim) = card(6_001);
-        assert!(judge(&bigger, &bigger_claim, &f).is_err());
+        assert!(judge(&bigger, &bigger_claim, &f, NOW).is_err());
+
+        // Under the lock: a frozen agent or a policy published meanwhile refuses.
+        let mut f = facts(0);
+        f.agent_status = "frozen".into();
+        assert_eq!(
+            judge(&c, &claim, &f, NOW),
+            Err("the agent is frozen".into())
+        );
+        let mut f = facts(0);
+        f.policy_revision = Some(3);
+        assert!(
+            judge(&c, &claim, &f, NOW)
+                .unwrap_err()
+                .contains("policy changed")
+        );
+        f.policy_revision = None;
+        assert!(judge(&c, &claim, &f, NOW).is_err());
+        // A retry is a retry only while Stripe still knows the key.
+        let mut f = facts(0);
+        f.existing = Some(row_at(0));
+        assert_eq!(judge(&c, &claim, &f, NOW), Ok(RelayVerdict::Retry));
+        assert!(judge(&c, &claim, &f, RETRY_WINDOW_SECONDS).is_err());
+    }
+
+    fn row_at(created_at: i64) -> RelayCardRow {
+        RelayCardRow {
+            intent_id: "pur_1".into(),
+            card_id: Some("ic_1".into()),
+            agent_id: "agt_1".into(),
+            project_id: "prj_1".into(),
+            org_id: "org_1".into(),
+            sidecar_id: "sc_1".into(),
+            currency: "USD".into(),
+            spending_limit: 3_000,
+            idempotency_key_hash: "k".into(),
+            created_at,
+            canceled_at: None,
+            expires_at: created_at + 3_600,
+        }
     }
 }

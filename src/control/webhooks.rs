@@ -430,6 +430,30 @@ async fn realtime(
 ) -> Result<String, super::DbError> {
     // Always yields once, so a deadline of zero declines deterministically.
     tokio::task::yield_now().await;
+    // A deadlock with a concurrent write (e.g. the sidecar's sync of the same intent) rolls
+    // the decision back whole: decide again from fresh reads, within the deadline.
+    let mut attempt = 1;
+    loop {
+        match realtime_once(state, meta, auth, now).await {
+            Err(e) if e.is_transient() && attempt < REALTIME_ATTEMPTS => {
+                tracing::warn!(event = %meta.id, authorization = %auth.id, attempt, error = %e,
+                    "real-time authorization met a transient database error; deciding again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How often a real-time decision is tried when the database reports a transient failure.
+const REALTIME_ATTEMPTS: u32 = 3;
+
+async fn realtime_once(
+    state: &AdminState,
+    meta: &StripeEventMeta,
+    auth: &StripeAuthorization,
+    now: i64,
+) -> Result<String, super::DbError> {
     let db = &state.db;
     if let Some(stored) = db.stripe_event_seen(&meta.id).await? {
         return Ok(stored.unwrap_or_else(|| error_answer("the event was seen before")));

@@ -578,10 +578,15 @@ impl Service {
 
     /// What a synced sidecar's card says about its purchase, signed with the sidecar's key,
     /// so the control plane can decide the card's authorizations even before the intent
-    /// reaches it through the outbox. Empty for a standalone sidecar.
+    /// reaches it through the outbox. A standalone sidecar's card says only when it expires
+    /// (`roony_expires`, which the control plane's issuing relay requires).
     fn card_metadata(&self, rec: &IntentRecord) -> std::collections::BTreeMap<String, String> {
         let Some(upstream) = self.inner.upstream.get() else {
-            return Default::default();
+            return rec
+                .expires_at
+                .map(|at| ("roony_expires".to_string(), at.to_string()))
+                .into_iter()
+                .collect();
         };
         let m = &rec.request.merchant;
         let clip = |s: &str| s.chars().take(200).collect::<String>();

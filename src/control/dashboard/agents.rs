@@ -833,8 +833,8 @@ struct CheckedBudget {
 
 /// Validates the budget form of agent `id`. An agent budget can only tighten the policy
 /// (`sync::client::fold_budgets`): one in another currency than the policy's is refused
-/// (`budget_currency_mismatch`), and so is one above the policy's budget of the same period
-/// (`budget_looser_than_policy`), which would have no effect — the policy's limit would
+/// (`budget_currency_mismatch`), and so is one not below the policy's budget of the same
+/// period (`budget_looser_than_policy`), which would have no effect — the policy's limit would
 /// still bind. Without a policy any currency is accepted (the agent declines everything
 /// until one is published).
 async fn check_budget(
@@ -888,12 +888,12 @@ async fn check_budget(
     };
     if let (Some(p), Some(period), Some(c), Some(amount)) = (&policy, period, currency, amount)
         && let Some(rule) = p.budgets.iter().find(|r| r.period == period)
-        && amount > rule.limit
+        && amount >= rule.limit
     {
         errors.amount = Some(FieldError::new(
             "budget_looser_than_policy",
             format!(
-                "the policy's {} budget of {} is lower and still binds: an agent budget of {} would have no effect. Enter at most {}, or raise the budget in the policy.",
+                "the policy's {} budget of {} already binds: an agent budget of {} would have no effect. Enter less than {}, or raise the budget in the policy.",
                 period.as_str(),
                 ui::money(rule.limit, c.code()),
                 ui::money(amount, c.code()),

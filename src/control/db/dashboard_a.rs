@@ -200,13 +200,15 @@ impl ControlDb {
             .collect()
     }
 
-    /// Held for approved purchases not captured yet, per currency: the reservation of each
-    /// `approved`/`issuing` intent less what was captured on it.
+    /// Held for approved purchases not captured yet, per currency: of what each
+    /// `approved`/`issuing` intent counts against its budgets ([`COUNTED`]), the part not
+    /// captured (net of refunds) — so that spend plus reserved is what budgets count.
     pub async fn dash_a_reserved_by_currency(&self) -> Result<Vec<CurrencyAmount>, DbError> {
-        let rows = sqlx::query(
-            "SELECT currency, CAST(COALESCE(SUM(CASE WHEN reserved > captured THEN reserved - captured ELSE 0 END), 0) AS BIGINT) AS total \
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT currency, CAST(COALESCE(SUM(({COUNTED}) - \
+             (CASE WHEN captured - refunded > 0 THEN captured - refunded ELSE 0 END)), 0) AS BIGINT) AS total \
              FROM intents WHERE status IN ('approved', 'issuing') GROUP BY currency ORDER BY currency",
-        )
+        )))
         .fetch_all(self.pool())
         .await?;
         rows.iter()

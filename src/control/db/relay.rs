@@ -64,6 +64,10 @@ pub struct RelayCardClaim {
     pub spending_limit: i64,
     /// SHA-256 hex of the request's Idempotency-Key.
     pub idempotency_key_hash: String,
+    /// Unix seconds after which the card must not be used (its `roony_expires`).
+    pub expires_at: i64,
+    /// The agent's policy revision the card was checked against.
+    pub policy_revision: i64,
     pub bounds: Vec<RelayBound>,
 }
 
@@ -81,6 +85,8 @@ pub struct RelayCardRow {
     pub idempotency_key_hash: String,
     pub created_at: i64,
     pub canceled_at: Option<i64>,
+    /// Unix seconds after which the card must not be used.
+    pub expires_at: i64,
 }
 
 /// What the control plane's ledger says about the intent a card is claimed for.
@@ -97,6 +103,10 @@ pub struct LedgerIntentFacts {
 /// Everything the relay's judgement of a claim reads, under the lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayFacts {
+    /// The agent's status (`active`, `frozen`, …) as the lock read it.
+    pub agent_status: String,
+    /// The agent's current policy revision as the lock read it (`None`: no policy).
+    pub policy_revision: Option<i64>,
     /// The card already claimed for this intent, if any.
     pub existing: Option<RelayCardRow>,
     pub intent: Option<LedgerIntentFacts>,
@@ -124,7 +134,11 @@ pub enum RelayClaim {
 }
 
 const COLUMNS: &str = "intent_id, card_id, agent_id, project_id, org_id, sidecar_id, currency, \
-    spending_limit, idempotency_key_hash, created_at, canceled_at";
+    spending_limit, idempotency_key_hash, created_at, canceled_at, expires_at";
+
+/// The longest a card may live (a policy's `card_ttl_seconds` is at most 7 days): the
+/// lifetime of rows whose expiry is unknown.
+const LONGEST_CARD_LIFE: i64 = 7 * 86_400;
 
 fn row_of(r: &sqlx::any::AnyRow) -> Result<RelayCardRow, DbError> {
     Ok(RelayCardRow {
@@ -139,6 +153,11 @@ fn row_of(r: &sqlx::any::AnyRow) -> Result<RelayCardRow, DbError> {
         idempotency_key_hash: r.try_get("idempotency_key_hash")?,
         created_at: r.try_get("created_at")?,
         canceled_at: r.try_get("canceled_at")?,
+        expires_at: {
+            let created: i64 = r.try_get("created_at")?;
+            r.try_get::<Option<i64>, _>("expires_at")?
+                .unwrap_or(created.saturating_add(LONGEST_CARD_LIFE))
+        },
     })
 }
 
@@ -166,6 +185,20 @@ impl ControlDb {
             tx.rollback().await?;
             return Ok(RelayClaim::Refused("unknown agent".into()));
         }
+        // Re-read under the lock what the unlocked checks relied on: a freeze or a new
+        // policy revision that landed meanwhile refuses the card.
+        let agent_status: String = sqlx::query("SELECT status FROM agents WHERE id = $1")
+            .bind(claim.agent_id.clone())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("status")?;
+        let policy_revision: Option<i64> =
+            sqlx::query("SELECT current_revision FROM policies WHERE agent_id = $1")
+                .bind(claim.agent_id.clone())
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get("current_revision"))
+                .transpose()?;
         let mut budget_ids: Vec<&str> = claim
             .bounds
             .iter()
@@ -207,11 +240,13 @@ impl ControlDb {
         let mut exposures = Vec::with_capacity(claim.bounds.len());
         for b in &claim.bounds {
             exposures.push(
-                Self::relay_exposure(&mut tx, b.scope, &b.scope_id, &claim.currency, b.since)
+                Self::relay_exposure(&mut tx, b.scope, &b.scope_id, &claim.currency, b.since, now)
                     .await?,
             );
         }
         let facts = RelayFacts {
+            agent_status,
+            policy_revision,
             existing,
             intent,
             exposures,
@@ -226,10 +261,10 @@ impl ControlDb {
                 Ok(RelayClaim::Retry)
             }
             Ok(RelayVerdict::Create) => {
-                sqlx::query(
+                let inserted = sqlx::query(
                     "INSERT INTO relay_cards (intent_id, card_id, agent_id, project_id, org_id, \
-                     sidecar_id, currency, spending_limit, idempotency_key_hash, created_at, canceled_at) \
-                     VALUES ($1, NULL, $2, $3, $4, $5, $6, $7, $8, $9, NULL)",
+                     sidecar_id, currency, spending_limit, idempotency_key_hash, created_at, canceled_at, \
+                     expires_at) VALUES ($1, NULL, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
                 )
                 .bind(claim.intent_id.clone())
                 .bind(claim.agent_id.clone())
@@ -240,8 +275,22 @@ impl ControlDb {
                 .bind(claim.spending_limit)
                 .bind(claim.idempotency_key_hash.clone())
                 .bind(now)
+                .bind(claim.expires_at)
                 .execute(&mut *tx)
-                .await?;
+                .await;
+                if let Err(e) = inserted {
+                    // Another agent's claim of the same intent won (it held another lock).
+                    if e.as_database_error()
+                        .is_some_and(|d| d.is_unique_violation())
+                    {
+                        let _ = tx.rollback().await;
+                        return Ok(RelayClaim::Refused(
+                            "the intent already has a card; the relay issues one card per intent"
+                                .into(),
+                        ));
+                    }
+                    return Err(e.into());
+                }
                 Self::audit(
                     &mut tx,
                     actor,
@@ -249,7 +298,8 @@ impl ControlDb {
                     "intent",
                     &claim.intent_id,
                     serde_json::json!({"agent_id": claim.agent_id, "sidecar_id": claim.sidecar_id,
-                        "currency": claim.currency, "spending_limit": claim.spending_limit}),
+                        "currency": claim.currency, "spending_limit": claim.spending_limit,
+                        "expires_at": claim.expires_at, "policy_revision": claim.policy_revision}),
                     now,
                 )
                 .await?;
@@ -259,32 +309,43 @@ impl ControlDb {
         }
     }
 
-    /// The exposure of a scope's relay cards in `currency` created at or after `since`: a
-    /// live card (or one whose creation never got an answer) at its spending limit, a
-    /// canceled one at what it spent — net captures (never below zero) plus approved
-    /// authorizations still pending, from the Stripe ledger.
+    /// The exposure of a scope's relay cards in `currency` that bear on a budget period
+    /// starting at `since`: every card created in the period, and every card still live at
+    /// `now` (not canceled, not expired) whenever it was created, since it can still be
+    /// spent. A live card counts at its spending limit, as does a claim Stripe never
+    /// answered (in its own period); a canceled or expired card counts at what it spent:
+    /// net captures (never below zero), approved authorizations still pending, and approved
+    /// authorizations closed without a capture (a merchant may still capture them). The
+    /// real-time authorization declines an expired relay card, so it spends no more.
     async fn relay_exposure(
         conn: &mut sqlx::AnyConnection,
         scope: RelayScope,
         scope_id: &str,
         currency: &str,
         since: i64,
+        now: i64,
     ) -> Result<i64, DbError> {
         let sql = format!(
-            "SELECT rc.spending_limit, rc.canceled_at, rc.card_id, \
+            "SELECT rc.spending_limit, rc.canceled_at, rc.card_id, rc.created_at, rc.expires_at, \
              (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
               WHERE s.stripe_card_id = rc.card_id AND s.kind = 'capture') AS captured, \
              (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
               WHERE s.stripe_card_id = rc.card_id AND s.kind = 'refund') AS refunded, \
              (SELECT CAST(COALESCE(SUM(a.amount), 0) AS BIGINT) FROM authorizations a \
-              WHERE a.stripe_card_id = rc.card_id AND a.approved = 1 AND a.status = 'pending') AS pending \
-             FROM relay_cards rc WHERE rc.{} = $1 AND rc.currency = $2 AND rc.created_at >= $3",
+              WHERE a.stripe_card_id = rc.card_id AND a.approved = 1 AND a.status = 'pending') AS pending, \
+             (SELECT CAST(COALESCE(SUM(a.amount), 0) AS BIGINT) FROM authorizations a \
+              WHERE a.stripe_card_id = rc.card_id AND a.approved = 1 AND a.status = 'closed' \
+              AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.authorization_id = a.id \
+                              AND s.kind = 'capture')) AS uncaptured \
+             FROM relay_cards rc WHERE rc.{} = $1 AND rc.currency = $2 AND (rc.created_at >= $3 \
+             OR (rc.canceled_at IS NULL AND COALESCE(rc.expires_at, rc.created_at + {LONGEST_CARD_LIFE}) > $4))",
             scope.column()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(scope_id.to_string())
             .bind(currency.to_string())
             .bind(since)
+            .bind(now)
             .fetch_all(&mut *conn)
             .await?;
         let mut total = 0i64;
@@ -292,20 +353,66 @@ impl ControlDb {
             let limit: i64 = r.try_get("spending_limit")?;
             let canceled: Option<i64> = r.try_get("canceled_at")?;
             let card: Option<String> = r.try_get("card_id")?;
-            let counted = if canceled.is_some() && card.is_some() {
+            let created: i64 = r.try_get("created_at")?;
+            let expires = r
+                .try_get::<Option<i64>, _>("expires_at")?
+                .unwrap_or(created.saturating_add(LONGEST_CARD_LIFE));
+            let live = canceled.is_none() && expires > now;
+            let counted = if live || card.is_none() {
+                limit
+            } else {
                 let captured: i64 = r.try_get("captured")?;
                 let refunded: i64 = r.try_get("refunded")?;
                 let pending: i64 = r.try_get("pending")?;
+                let uncaptured: i64 = r.try_get("uncaptured")?;
                 captured
                     .saturating_sub(refunded)
                     .max(0)
                     .saturating_add(pending.max(0))
-            } else {
-                limit
+                    .saturating_add(uncaptured.max(0))
             };
             total = total.saturating_add(counted);
         }
         Ok(total)
+    }
+
+    /// Relay cards live at Stripe past their expiry (not canceled, with a card id), oldest
+    /// expiry first, at most `limit`: the relay's sweep cancels them.
+    pub async fn expired_relay_cards(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<RelayCardRow>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM relay_cards WHERE canceled_at IS NULL AND card_id IS NOT NULL \
+             AND COALESCE(expires_at, created_at + {LONGEST_CARD_LIFE}) <= $1 \
+             ORDER BY expires_at, intent_id LIMIT $2"
+        )))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_of).collect()
+    }
+
+    /// When the relay card of an intent expires (`None`: not a relay card). A card id that
+    /// is not the claim's is not that card's expiry.
+    pub(super) async fn relay_expiry_in(
+        conn: &mut sqlx::AnyConnection,
+        intent_id: &str,
+        card_id: &str,
+    ) -> Result<Option<i64>, DbError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT COALESCE(expires_at, created_at + {LONGEST_CARD_LIFE}) AS expires \
+             FROM relay_cards WHERE intent_id = $1 AND (card_id IS NULL OR card_id = $2)"
+        )))
+        .bind(intent_id.to_string())
+        .bind(card_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|r| r.try_get::<i64, _>("expires"))
+            .transpose()
+            .map_err(Into::into)
     }
 
     /// Stripe answered the claimed creation with `card_id` (`canceled`: the card Stripe

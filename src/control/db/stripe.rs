@@ -191,6 +191,8 @@ impl ControlDb {
             .await?;
             let currency: String = row.try_get("currency")?;
             let agent_status: Option<String> = row.try_get("agent_status")?;
+            let relay_expiry =
+                Self::relay_expiry_in(&mut conn, &l.owner.intent_id, &card.id).await?;
             history.locked_network_id = l.locked_network_id.clone();
             let intent = AuthIntent {
                 intent_id: l.owner.intent_id.clone(),
@@ -202,7 +204,7 @@ impl ControlDb {
                 merchant_domain: l.merchant_domain.clone(),
                 merchant_country: row.try_get("merchant_country")?,
                 merchant_category: row.try_get("merchant_category")?,
-                expires_at: row.try_get("expires_at")?,
+                expires_at: earliest(row.try_get("expires_at")?, relay_expiry),
                 agent_frozen: agent_status.as_deref() != Some("active"),
             };
             return Ok(AuthInputs {
@@ -232,6 +234,8 @@ impl ControlDb {
             .await?
             .map(|r| r.try_get("status"))
             .transpose()?;
+        let relay_expiry =
+            Self::relay_expiry_in(&mut conn, &adoption.owner.intent_id, &card.id).await?;
         let intent = AuthIntent {
             intent_id: adoption.owner.intent_id.clone(),
             status: status.unwrap_or_else(|| "approved".into()),
@@ -242,7 +246,7 @@ impl ControlDb {
             merchant_domain: adoption.merchant_domain.clone(),
             merchant_country: adoption.merchant_country.clone(),
             merchant_category: adoption.merchant_category.clone(),
-            expires_at: adoption.expires_at,
+            expires_at: earliest(adoption.expires_at, relay_expiry),
             agent_frozen: agent_status.as_deref() != Some("active"),
         };
         Ok(AuthInputs {
@@ -1504,4 +1508,13 @@ fn discrepancy_from_row(r: &AnyRow) -> Result<Discrepancy, DbError> {
         resolved_by: r.try_get("resolved_by")?,
         resolution_note: r.try_get("resolution_note")?,
     })
+}
+
+/// The earlier of two optional expiries (a card issued through the relay expires when the
+/// relay said, whatever its sidecar reported about the intent).
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
 }

@@ -1718,33 +1718,22 @@ async fn dry_run_includes_agent_budgets(mut ctx: Ctx) {
         p.body
             .contains("data-intent-id=\"pur_bud_b\" data-old=\"declined\" data-new=\"approved\"")
     );
-    let p = ctx
-        .admin
-        .post(
-            &path,
-            &[
-                ("period", "monthly"),
-                ("currency", "USD"),
-                ("amount", "20000"),
-            ],
-        )
-        .await;
-    assert_eq!(p.status, 422);
-    assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
-    // Equal to the policy's (USD 10,000.00) it would have no effect either: refused.
-    let p = ctx
-        .admin
-        .post(
-            &path,
-            &[
-                ("period", "monthly"),
-                ("currency", "USD"),
-                ("amount", "10000"),
-            ],
-        )
-        .await;
-    assert_eq!(p.status, 422);
-    assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
+    // Looser than the policy's USD 10,000.00, or equal to it: no effect, refused.
+    for amount in ["20000", "10000"] {
+        let p = ctx
+            .admin
+            .post(
+                &path,
+                &[
+                    ("period", "monthly"),
+                    ("currency", "USD"),
+                    ("amount", amount),
+                ],
+            )
+            .await;
+        assert_eq!(p.status, 422, "{amount}");
+        assert!(p.body.contains("data-code=\"budget_looser_than_policy\""));
+    }
     let p = ctx
         .admin
         .post(

@@ -205,21 +205,8 @@ impl Ctx {
     /// plane adopts such a card rather than canceling it as an orphan).
     async fn signed(&self, a: &Agent, holder: &str, amount: i64) -> (u16, Value) {
         let intent = roony::service::ids::intent_id();
-        let mut md = BTreeMap::from([
-            ("roony_intent_id".to_string(), intent.clone()),
-            ("roony_agent_id".to_string(), a.id.clone()),
-            ("roony_limit".to_string(), amount.to_string()),
-            ("roony_currency".to_string(), "USD".to_string()),
-            ("roony_merchant".to_string(), "Namecheap".to_string()),
-            ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
-            ("roony_expires".to_string(), (unix_now() + 600).to_string()),
-        ]);
-        let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
-        md.insert("roony_sig".to_string(), sig);
         let mut f = card_form(&a.id, &intent, holder, amount);
-        for (k, v) in &md {
-            set(&mut f, &format!("metadata[{k}]"), v);
-        }
+        sign_metadata(&mut f, a, &intent, amount);
         let (status, v, _) = self
             .post(&a.token, "issuing/cards", &f, Some(&new_key()))
             .await;
@@ -310,10 +297,10 @@ impl Ctx {
         }
     }
 
-    /// The merchant's side: an authorization at the emulator, then its capture.
-    async fn charge(&self, card: &str, amount: i64) -> Value {
-        let auth: Value = self
-            .http
+    /// A merchant's authorization request on `card` at the emulator (Stripe asks the
+    /// control plane in real time).
+    async fn authorize(&self, card: &str, amount: i64) -> Value {
+        self.http
             .0
             .post(format!(
                 "{}/v1/test_helpers/issuing/authorizations",
@@ -333,7 +320,12 @@ impl Ctx {
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The merchant's side: an authorization at the emulator, then its capture.
+    async fn charge(&self, card: &str, amount: i64) -> Value {
+        let auth = self.authorize(card, amount).await;
         assert_eq!(auth["approved"], true, "{auth}");
         let id = auth["id"].as_str().unwrap();
         let captured: Value = self
@@ -404,6 +396,25 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Sets the metadata a synced sidecar puts on a card (expiring in 10 minutes), signed
+/// with its token.
+fn sign_metadata(form: &mut Vec<(String, String)>, a: &Agent, intent: &str, amount: i64) {
+    let mut md = BTreeMap::from([
+        ("roony_intent_id".to_string(), intent.to_string()),
+        ("roony_agent_id".to_string(), a.id.clone()),
+        ("roony_limit".to_string(), amount.to_string()),
+        ("roony_currency".to_string(), "USD".to_string()),
+        ("roony_merchant".to_string(), "Namecheap".to_string()),
+        ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
+        ("roony_expires".to_string(), (unix_now() + 600).to_string()),
+    ]);
+    let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
+    md.insert("roony_sig".to_string(), sig);
+    for (k, v) in &md {
+        set(form, &format!("metadata[{k}]"), v);
+    }
 }
 
 /// A card creation exactly as Roony's issuer sends it (expiring in 10 minutes).
@@ -500,21 +511,8 @@ async fn only_the_issuers_shape_passes(ctx: Ctx) {
 
     // Metadata signed with the sidecar's token (as a synced sidecar signs it) passes.
     let intent = roony::service::ids::intent_id();
-    let mut md = BTreeMap::from([
-        ("roony_intent_id".to_string(), intent.clone()),
-        ("roony_agent_id".to_string(), a.id.clone()),
-        ("roony_limit".to_string(), "1200".to_string()),
-        ("roony_currency".to_string(), "USD".to_string()),
-        ("roony_merchant".to_string(), "Namecheap".to_string()),
-        ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
-        ("roony_expires".to_string(), (unix_now() + 600).to_string()),
-    ]);
-    let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
-    md.insert("roony_sig".to_string(), sig);
     let mut signed = strict(&intent, 1_200);
-    for (k, v) in &md {
-        set(&mut signed, &format!("metadata[{k}]"), v);
-    }
+    sign_metadata(&mut signed, &a, &intent, 1_200);
     let (status, v, _) = ctx
         .post(&a.token, "issuing/cards", &signed, Some(&new_key()))
         .await;
@@ -1274,16 +1272,7 @@ async fn relay_cards_expire(ctx: Ctx) {
             "card_ttl_seconds": 600
         })))
         .await;
-    let (status, holder, _) = ctx
-        .post(
-            &a.token,
-            "issuing/cardholders",
-            &cardholder_form(&a.id),
-            Some(&new_key()),
-        )
-        .await;
-    assert_eq!(status, 200, "{holder}");
-    let holder = holder["id"].as_str().unwrap().to_string();
+    let holder = ctx.cardholder(&a).await;
     let now = unix_now();
 
     // Only an expiry within the policy's card lifetime (plus clock skew) passes.
@@ -1418,28 +1407,7 @@ async fn relay_cards_expire(ctx: Ctx) {
         now - 1
     ))
     .await;
-    let auth: Value = ctx
-        .http
-        .0
-        .post(format!(
-            "{}/v1/test_helpers/issuing/authorizations",
-            ctx.emu_url
-        ))
-        .bearer_auth(DIRECT_KEY)
-        .form(&[
-            ("card", bought_card.as_str()),
-            ("amount", "1000"),
-            ("currency", "usd"),
-            ("merchant_data[name]", "NAMECHEAP.COM"),
-            ("merchant_data[country]", "US"),
-            ("merchant_data[network_id]", "net_namecheap"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let auth = ctx.authorize(&bought_card, 1_000).await;
     assert_eq!(auth["approved"], false, "{auth}");
     let auth_id = auth["id"].as_str().unwrap().to_string();
     let mut reasons = None;

@@ -1644,20 +1644,7 @@ mod tests {
         f.exposures.clear();
         assert!(judge(&c, &claim, &f, NOW).is_err());
         // One card per intent; the same key is a retry (not a larger card).
-        let row = RelayCardRow {
-            intent_id: "pur_1".into(),
-            card_id: Some("ic_1".into()),
-            agent_id: "agt_1".into(),
-            project_id: "prj_1".into(),
-            org_id: "org_1".into(),
-            sidecar_id: "sc_1".into(),
-            currency: "USD".into(),
-            spending_limit: 3_000,
-            idempotency_key_hash: "k".into(),
-            created_at: 0,
-            canceled_at: None,
-            expires_at: 3_600,
-        };
+        let row = row_at(0);
         let mut f = facts(10_000);
         f.existing = Some(row.clone());
         assert_eq!(judge(&c, &claim, &f, NOW), Ok(RelayVerdict::Retry));

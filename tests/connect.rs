@@ -917,11 +917,7 @@ async fn relay_end_to_end(ctx: Ctx) {
 
     // The relay checks card creations and refuses anything else.
     let relay = |path: &str| format!("{}/api/sync/v1/stripe/v1/{path}", ctx.cp);
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
+    let expires = common::dash::now() + 600;
     let card_form = |amount: i64| {
         vec![
             ("currency".to_string(), "usd".to_string()),

@@ -391,13 +391,6 @@ fn cardholder_form(agent: &str) -> Vec<(String, String)> {
     ])
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Sets the metadata a synced sidecar puts on a card (expiring in 10 minutes), signed
 /// with its token.
 fn sign_metadata(form: &mut Vec<(String, String)>, a: &Agent, intent: &str, amount: i64) {
@@ -408,7 +401,10 @@ fn sign_metadata(form: &mut Vec<(String, String)>, a: &Agent, intent: &str, amou
         ("roony_currency".to_string(), "USD".to_string()),
         ("roony_merchant".to_string(), "Namecheap".to_string()),
         ("roony_sidecar".to_string(), roony::auth::key_id(&a.token)),
-        ("roony_expires".to_string(), (unix_now() + 600).to_string()),
+        (
+            "roony_expires".to_string(),
+            (common::dash::now() + 600).to_string(),
+        ),
     ]);
     let sig = roony::sync::wire::sign_card_metadata(&md, &a.token);
     md.insert("roony_sig".to_string(), sig);
@@ -419,7 +415,7 @@ fn sign_metadata(form: &mut Vec<(String, String)>, a: &Agent, intent: &str, amou
 
 /// A card creation exactly as Roony's issuer sends it (expiring in 10 minutes).
 fn card_form(agent: &str, intent: &str, holder: &str, amount: i64) -> Vec<(String, String)> {
-    let expires = (unix_now() + 600).to_string();
+    let expires = (common::dash::now() + 600).to_string();
     form(&[
         ("metadata[roony_expires]", &expires),
         ("cardholder", holder),
@@ -1273,7 +1269,7 @@ async fn relay_cards_expire(ctx: Ctx) {
         })))
         .await;
     let holder = ctx.cardholder(&a).await;
-    let now = unix_now();
+    let now = common::dash::now();
 
     // Only an expiry within the policy's card lifetime (plus clock skew) passes.
     for (expires, why) in [
@@ -1304,7 +1300,7 @@ async fn relay_cards_expire(ctx: Ctx) {
         .unwrap()
         .unwrap();
     assert!(
-        row.expires_at > now && row.expires_at <= unix_now() + 600,
+        row.expires_at > now && row.expires_at <= common::dash::now() + 600,
         "{row:?}"
     );
 
@@ -1348,7 +1344,7 @@ async fn relay_cards_expire(ctx: Ctx) {
         .to_string();
 
     // The sweep cancels the expired card at Stripe (and only it), once.
-    let swept = roony::control::relay::sweep_expired(&ctx.db, unix_now())
+    let swept = roony::control::relay::sweep_expired(&ctx.db, common::dash::now())
         .await
         .unwrap();
     assert_eq!(swept, 1);
@@ -1357,7 +1353,7 @@ async fn relay_cards_expire(ctx: Ctx) {
     let row = ctx.db.relay_card(&old_intent).await.unwrap().unwrap();
     assert!(row.canceled_at.is_some(), "{row:?}");
     assert_eq!(
-        roony::control::relay::sweep_expired(&ctx.db, unix_now())
+        roony::control::relay::sweep_expired(&ctx.db, common::dash::now())
             .await
             .unwrap(),
         0
@@ -1380,7 +1376,7 @@ async fn relay_cards_expire(ctx: Ctx) {
         let db = ctx.db.clone();
         let intent = last_intent.clone();
         async move {
-            let _ = roony::control::relay::sweep_expired(&db, unix_now()).await;
+            let _ = roony::control::relay::sweep_expired(&db, common::dash::now()).await;
             db.relay_card(&intent)
                 .await
                 .unwrap()
@@ -1397,7 +1393,7 @@ async fn relay_cards_expire(ctx: Ctx) {
     let bought_card = bought["card"]["id"].as_str().unwrap().to_string();
     let row = ctx.db.relay_card(&bought_intent).await.unwrap().unwrap();
     assert!(
-        row.expires_at > now && row.expires_at <= unix_now() + 600,
+        row.expires_at > now && row.expires_at <= common::dash::now() + 600,
         "{row:?}"
     );
     // The relay's expiry bounds the card's authorizations, whatever the sidecar said about

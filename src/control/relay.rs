@@ -779,6 +779,14 @@ fn single_object(v: &Value) -> Option<&Map<String, Value>> {
     item.as_object()
 }
 
+/// A form value of ASCII digits only (no sign, no spaces, no decimals) as a number.
+fn digits(v: &str) -> Option<i64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 fn text<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
     m.get(key).and_then(Value::as_str)
 }
@@ -1152,8 +1160,7 @@ async fn check_card(
     let now = super::unix_now();
     let expires_at = md
         .get("roony_expires")
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|v| digits(v))
         .ok_or_else(|| forbidden("a card needs roony_expires (unix seconds)"))?;
     if expires_at <= now {
         return Err(forbidden("roony_expires has passed"));
@@ -1237,8 +1244,7 @@ async fn check_card(
         ));
     }
     let amount = text(limit, "amount")
-        .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|a| a.parse::<i64>().ok())
+        .and_then(digits)
         .filter(|a| *a > 0)
         .ok_or_else(|| {
             invalid("a spending limit's amount is not a whole positive number of minor units")

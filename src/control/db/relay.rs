@@ -136,10 +136,6 @@ pub enum RelayClaim {
 const COLUMNS: &str = "intent_id, card_id, agent_id, project_id, org_id, sidecar_id, currency, \
     spending_limit, idempotency_key_hash, created_at, canceled_at, expires_at";
 
-/// The longest a card may live (a policy's `card_ttl_seconds` is at most 7 days): the
-/// lifetime of rows whose expiry is unknown.
-const LONGEST_CARD_LIFE: i64 = 7 * 86_400;
-
 fn row_of(r: &sqlx::any::AnyRow) -> Result<RelayCardRow, DbError> {
     Ok(RelayCardRow {
         intent_id: r.try_get("intent_id")?,
@@ -153,11 +149,8 @@ fn row_of(r: &sqlx::any::AnyRow) -> Result<RelayCardRow, DbError> {
         idempotency_key_hash: r.try_get("idempotency_key_hash")?,
         created_at: r.try_get("created_at")?,
         canceled_at: r.try_get("canceled_at")?,
-        expires_at: {
-            let created: i64 = r.try_get("created_at")?;
-            r.try_get::<Option<i64>, _>("expires_at")?
-                .unwrap_or(created.saturating_add(LONGEST_CARD_LIFE))
-        },
+        // Never NULL: schema 14 filled older rows and every claim sets it.
+        expires_at: r.try_get("expires_at")?,
     })
 }
 
@@ -326,7 +319,7 @@ impl ControlDb {
         now: i64,
     ) -> Result<i64, DbError> {
         let sql = format!(
-            "SELECT rc.spending_limit, rc.canceled_at, rc.card_id, rc.created_at, rc.expires_at, \
+            "SELECT rc.spending_limit, rc.canceled_at, rc.card_id, rc.expires_at, \
              (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
               WHERE s.stripe_card_id = rc.card_id AND s.kind = 'capture') AS captured, \
              (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM settlements s \
@@ -338,7 +331,7 @@ impl ControlDb {
               AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.authorization_id = a.id \
                               AND s.kind = 'capture')) AS uncaptured \
              FROM relay_cards rc WHERE rc.{} = $1 AND rc.currency = $2 AND (rc.created_at >= $3 \
-             OR (rc.canceled_at IS NULL AND COALESCE(rc.expires_at, rc.created_at + {LONGEST_CARD_LIFE}) > $4))",
+             OR (rc.canceled_at IS NULL AND rc.expires_at > $4))",
             scope.column()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -353,10 +346,7 @@ impl ControlDb {
             let limit: i64 = r.try_get("spending_limit")?;
             let canceled: Option<i64> = r.try_get("canceled_at")?;
             let card: Option<String> = r.try_get("card_id")?;
-            let created: i64 = r.try_get("created_at")?;
-            let expires = r
-                .try_get::<Option<i64>, _>("expires_at")?
-                .unwrap_or(created.saturating_add(LONGEST_CARD_LIFE));
+            let expires: i64 = r.try_get("expires_at")?;
             let live = canceled.is_none() && expires > now;
             let counted = if live || card.is_none() {
                 limit
@@ -385,8 +375,7 @@ impl ControlDb {
     ) -> Result<Vec<RelayCardRow>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM relay_cards WHERE canceled_at IS NULL AND card_id IS NOT NULL \
-             AND COALESCE(expires_at, created_at + {LONGEST_CARD_LIFE}) <= $1 \
-             ORDER BY expires_at, intent_id LIMIT $2"
+             AND expires_at <= $1 ORDER BY expires_at, intent_id LIMIT $2"
         )))
         .bind(now)
         .bind(limit)
@@ -402,15 +391,15 @@ impl ControlDb {
         intent_id: &str,
         card_id: &str,
     ) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT COALESCE(expires_at, created_at + {LONGEST_CARD_LIFE}) AS expires \
-             FROM relay_cards WHERE intent_id = $1 AND (card_id IS NULL OR card_id = $2)"
-        )))
+        let row = sqlx::query(
+            "SELECT expires_at FROM relay_cards \
+             WHERE intent_id = $1 AND (card_id IS NULL OR card_id = $2)",
+        )
         .bind(intent_id.to_string())
         .bind(card_id.to_string())
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(|r| r.try_get::<i64, _>("expires"))
+        row.map(|r| r.try_get::<i64, _>("expires_at"))
             .transpose()
             .map_err(Into::into)
     }

@@ -182,17 +182,21 @@ impl ControlDb {
         let ledger = Self::ledger_card(&mut conn, &card.id).await?;
         let mut history = Self::card_history(&mut conn, &card.id, authorization_id).await?;
         if let Some(l) = ledger {
+            // One read: the intent, its agent's status and (a relay card) the relay's expiry.
             let row = sqlx::query(
-                "SELECT i.currency, i.merchant_country, i.merchant_category, i.expires_at, a.status AS agent_status \
-                 FROM intents i LEFT JOIN agents a ON a.id = i.agent_id WHERE i.id = $1",
+                "SELECT i.currency, i.merchant_country, i.merchant_category, i.expires_at, a.status AS agent_status, \
+                 rc.expires_at AS relay_expires_at \
+                 FROM intents i LEFT JOIN agents a ON a.id = i.agent_id \
+                 LEFT JOIN relay_cards rc ON rc.intent_id = i.id AND (rc.card_id IS NULL OR rc.card_id = $2) \
+                 WHERE i.id = $1",
             )
             .bind(l.owner.intent_id.clone())
+            .bind(card.id.clone())
             .fetch_one(&mut *conn)
             .await?;
             let currency: String = row.try_get("currency")?;
             let agent_status: Option<String> = row.try_get("agent_status")?;
-            let relay_expiry =
-                Self::relay_expiry_in(&mut conn, &l.owner.intent_id, &card.id).await?;
+            let relay_expiry: Option<i64> = row.try_get("relay_expires_at")?;
             history.locked_network_id = l.locked_network_id.clone();
             let intent = AuthIntent {
                 intent_id: l.owner.intent_id.clone(),
@@ -1513,8 +1517,5 @@ fn discrepancy_from_row(r: &AnyRow) -> Result<Discrepancy, DbError> {
 /// The earlier of two optional expiries (a card issued through the relay expires when the
 /// relay said, whatever its sidecar reported about the intent).
 fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    }
+    a.into_iter().chain(b).min()
 }
